@@ -1,0 +1,308 @@
+"""Checkpoints (sharded, any layout) and the interchange format (one .npz, DESIGN.md).
+
+A checkpoint is a directory per step, written by every rank together:
+
+    DIR/step_00000010/model_tp{t}_pp{p}.npz   this (tp, pp) position's parameters (dp rank 0 writes)
+    DIR/step_00000010/optim_rank{r}.npz       each rank's AdamW state for its (ZeRO) slices
+    DIR/step_00000010/manifest.json           layout, step, config, data position, file checksums
+    DIR/latest                                 the name of the newest complete step directory
+
+Files are written under a temporary name, fsynced and renamed; the step directory is assembled under
+`.partial` and renamed after its manifest, so a crash mid-write leaves the previous checkpoint whole.
+No pickle: every array file is loaded with allow_pickle=False.
+
+`python -m mpmp.checkpoint export CKPT_DIR OUT.npz` assembles full tensors from any layout.
+"""
+
+import json
+import os
+import re
+import sys
+import zlib
+
+import numpy
+
+from mpmp.config import ModelConfig
+from mpmp.errors import CheckpointError, MpmpError
+from mpmp.model.gpt import param_infos, unit_params
+from mpmp.nn.parallel import unshard
+
+FORMAT, VERSION = "mpmp-checkpoint", 1
+
+# ---------------------------------------------------------------------------------------------
+# Files: atomic writes and checked reads
+# ---------------------------------------------------------------------------------------------
+
+
+def _fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str, data: bytes):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def atomic_save_npz(path: str, arrays: dict) -> int:
+    """Write arrays as .npz atomically; returns the crc32 of the file's bytes."""
+    import io
+
+    buf = io.BytesIO()
+    numpy.savez(buf, **arrays)
+    data = buf.getvalue()
+    atomic_write_bytes(path, data)
+    return zlib.crc32(data)
+
+
+def load_npz(path: str, crc: int | None = None) -> dict:
+    """Every array of an .npz as a dict; a missing, truncated or corrupt file raises CheckpointError."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        if crc is not None and zlib.crc32(data) != crc:
+            raise CheckpointError(f"{path}: checksum mismatch (the file is corrupt or was changed)")
+        import io
+
+        with numpy.load(io.BytesIO(data), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except CheckpointError:
+        raise
+    except Exception as exc:  # zipfile.BadZipFile, ValueError, EOFError, OSError ...
+        raise CheckpointError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The interchange format
+# ---------------------------------------------------------------------------------------------
+
+
+def interchange_config(arrays: dict, heads: int, path: str = "interchange file") -> ModelConfig:
+    """V, S, D, L from the shapes (H is a flag); CheckpointError naming any missing, extra or
+    mis-shaped tensor."""
+    for key in ("wte.weight", "wpe.weight"):
+        if key not in arrays:
+            raise CheckpointError(f"{path}: missing tensor {key}")
+        if arrays[key].ndim != 2:
+            raise CheckpointError(f"{path}: {key} must be 2-D, has shape {tuple(arrays[key].shape)}")
+    v, d = arrays["wte.weight"].shape
+    s = arrays["wpe.weight"].shape[0]
+    layers = 0
+    while any(k.startswith(f"h.{layers}.") for k in arrays):
+        layers += 1
+    cfg = ModelConfig(vocab=int(v), seq_len=int(s), d_model=int(d), layers=layers, heads=heads)
+    expected = {p.name: p.shape for p in param_infos(cfg)}
+    missing = sorted(set(expected) - set(arrays))
+    extra = sorted(set(arrays) - set(expected))
+    if missing:
+        raise CheckpointError(
+            f"{path}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
+    if extra:
+        raise CheckpointError(
+            f"{path}: unexpected tensor {extra[0]}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+        )
+    for name, shape in expected.items():
+        if tuple(arrays[name].shape) != tuple(shape):
+            raise CheckpointError(f"{path}: {name} has shape {tuple(arrays[name].shape)}, expected {tuple(shape)}")
+        if arrays[name].dtype.kind != "f":
+            raise CheckpointError(f"{path}: {name} has dtype {arrays[name].dtype}, expected float32")
+    return cfg
+
+
+def load_interchange(path: str, heads: int):
+    """(ModelConfig, {name: float32 array}) from an interchange .npz."""
+    arrays = load_npz(path)
+    cfg = interchange_config(arrays, heads, path)
+    return cfg, {k: numpy.ascontiguousarray(a, dtype=numpy.float32) for k, a in arrays.items()}
+
+
+def save_interchange(path: str, arrays: dict):
+    atomic_save_npz(path, {k: numpy.asarray(v, dtype=numpy.float32) for k, v in arrays.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint directories
+# ---------------------------------------------------------------------------------------------
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def read_manifest(step_dir: str) -> dict:
+    path = os.path.join(step_dir, "manifest.json")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{step_dir}: no manifest.json (not a complete checkpoint)")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable manifest ({exc})") from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an mpmp checkpoint manifest")
+    if manifest.get("version") != VERSION:
+        raise CheckpointError(f"{path}: format version {manifest.get('version')}, this mpmp reads version {VERSION}")
+    return manifest
+
+
+def resolve(path: str) -> str:
+    """A step directory from a checkpoint root (its newest complete step) or a step directory."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if os.path.exists(os.path.join(path, "manifest.json")):
+        return path
+    steps = sorted(d for d in os.listdir(path) if re.fullmatch(r"step_\d{8}", d))
+    for d in reversed(steps):
+        if os.path.exists(os.path.join(path, d, "manifest.json")):
+            return os.path.join(path, d)
+    raise CheckpointError(f"{path}: no complete checkpoint (no step_*/manifest.json)")
+
+
+def model_config_of(manifest) -> ModelConfig:
+    return ModelConfig(**manifest["model"])
+
+
+def full_tensors(step_dir: str, manifest=None, names=None) -> dict:
+    """{name: full float32 tensor} assembled from the shards of any layout."""
+    manifest = manifest or read_manifest(step_dir)
+    cfg = model_config_of(manifest)
+    lay = manifest["layout"]
+    tp, pp = lay["tp"], lay["pp"]
+    infos = {p.name: p for p in param_infos(cfg)}
+    # The stage holding each tensor: the first virtual stage whose units use it (wte: the embedding's).
+    owner = {}
+    for vs, (a, b) in enumerate(lay["split"]):
+        for unit in range(a, b):
+            for name in unit_params(cfg, unit):
+                owner.setdefault(name, vs % pp)
+    files = manifest["files"]
+    cache = {}
+
+    def shard_file(t, p):
+        key = f"model_tp{t}_pp{p}.npz"
+        if key not in cache:
+            if key not in files:
+                raise CheckpointError(f"{step_dir}: manifest lists no {key}")
+            cache[key] = load_npz(os.path.join(step_dir, key), files[key])
+        return cache[key]
+
+    out = {}
+    for name in names or infos:
+        p = owner[name]
+        parts = []
+        for t in range(tp):
+            arrays = shard_file(t, p)
+            if name not in arrays:
+                raise CheckpointError(f"{step_dir}/model_tp{t}_pp{p}.npz: missing tensor {name}")
+            parts.append(arrays[name])
+        full = unshard(parts, infos[name].split, infos[name].shape)
+        if tuple(full.shape) != tuple(infos[name].shape):
+            raise CheckpointError(f"{step_dir}: {name} assembles to {tuple(full.shape)}, expected {infos[name].shape}")
+        out[name] = full.astype(numpy.float32)
+    return out
+
+
+def save(trainer, root: str, extra: dict | None = None) -> str:
+    """Every rank writes its shard of step trainer.step; rank 0 writes the manifest last. Collective."""
+    from mpmp.backend import to_numpy
+
+    grid, step = trainer.grid, trainer.step
+    final = os.path.join(root, step_dir_name(step))
+    partial = final + ".partial"
+    if grid.rank == 0:
+        os.makedirs(partial, exist_ok=True)
+    grid.world.barrier()
+    c = grid.coord
+    crcs = numpy.zeros(3, dtype=numpy.int64)  # [writes model file, its crc, optim crc]
+    if c.dp == 0:
+        crcs[0] = 1
+        crcs[1] = atomic_save_npz(os.path.join(partial, f"model_tp{c.tp}_pp{c.pp}.npz"), trainer.model.local_state())
+    opt = trainer.optimizer
+    state = {"ranges": numpy.asarray(opt.ranges, dtype=numpy.int64).reshape(-1, 2)}
+    for i, a in enumerate(opt.adams):
+        state[f"m{i}"], state[f"v{i}"] = to_numpy(a.m), to_numpy(a.v)
+        if opt.mixed:
+            state[f"master{i}"] = to_numpy(opt.masters[i])
+    state["adam_step"] = numpy.int64(opt.adams[0].step_count)
+    state["layout"] = numpy.frombuffer(json.dumps(trainer.flat.layout()).encode(), dtype=numpy.uint8)
+    crcs[2] = atomic_save_npz(os.path.join(partial, f"optim_rank{grid.rank}.npz"), state)
+    every = grid.world.all_gather(crcs.reshape(1, 3))
+    if grid.rank == 0:
+        from mpmp.comm.grid import coord_of
+
+        files = {}
+        for r, (has_model, crc_model, crc_opt) in enumerate(every.tolist()):
+            rc = coord_of(r, grid.tp, grid.dp)
+            if has_model:
+                files[f"model_tp{rc.tp}_pp{rc.pp}.npz"] = crc_model
+            files[f"optim_rank{r}.npz"] = crc_opt
+        cfg = trainer.cfg
+        par = cfg.parallel
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "step": step,
+            "model": cfg.model.__dict__,
+            "layout": {
+                "tp": par.tp, "pp": par.pp, "dp": par.dp, "zero": par.zero,
+                "virtual_stages": par.virtual_stages, "split": [list(r) for r in trainer.split],
+                "sequence_parallel": par.sequence_parallel,
+            },
+            "config": cfg.to_dict(),
+            "data": {"order": trainer.data.order, "seed": trainer.data.seed,
+                     "sequences_consumed": step * cfg.global_batch},
+            "files": files,
+        }  # fmt: skip
+        manifest.update(extra or {})
+        atomic_write_bytes(os.path.join(partial, "manifest.json"), json.dumps(manifest, indent=1).encode())
+        if os.path.exists(final):
+            import shutil
+
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _fsync_dir(root)
+        atomic_write_bytes(os.path.join(root, "latest"), (step_dir_name(step) + "\n").encode())
+    grid.world.barrier()
+    return final
+
+
+def export(ckpt: str, out_path: str) -> str:
+    step_dir = resolve(ckpt)
+    save_interchange(out_path, full_tensors(step_dir))
+    return step_dir
+
+
+def main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m mpmp.checkpoint", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="write a checkpoint (any layout) as one interchange .npz")
+    ex.add_argument("checkpoint", help="a checkpoint directory (--save DIR) or one of its step_* directories")
+    ex.add_argument("out", help="the .npz to write")
+    args = parser.parse_args(argv)
+    try:
+        step_dir = export(args.checkpoint, args.out)
+    except MpmpError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(f"exported {step_dir} -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""A communication group: the one interface the rest of mpmp talks to.
+
+Subclasses (MPI in mpi.py, NCCL in nccl.py) implement a handful of raw operations on contiguous
+buffers split along axis 0; this base class adds what is common: the axis handling, uneven block
+sizes, the average op, the ledger record, and a size-1 fast path that moves nothing and records
+nothing. Peers are group ranks. Collectives on arrays are in place where the name says so.
+"""
+
+import numpy
+
+from mpmp.backend import array_module
+from mpmp.comm import ledger as _ledger
+
+OPS = ("sum", "avg", "max", "min")
+
+
+def block_sizes(n: int, parts: int) -> list[int]:
+    """numpy.array_split's sizes: the first n % parts blocks get one extra row."""
+    base, extra = divmod(n, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+class Handle:
+    """A non-blocking operation in flight; wait() completes it and returns its result."""
+
+    def __init__(self, group, token, requests, finish, nbytes, dtype, peer=-1):
+        self._group, self._token, self._requests, self._finish = group, token, requests, finish
+        self._nbytes, self._dtype, self._peer = nbytes, dtype, peer
+        self._done, self._result = False, None
+
+    def wait(self):
+        if not self._done:
+            self._group._wait_all(self._requests)
+            self._result = self._finish() if self._finish else None
+            self._group._record_end(self._token, self._peer, self._nbytes, self._dtype)
+            self._done = True
+        return self._result
+
+
+class _Done(Handle):
+    def __init__(self, result=None):
+        self._done, self._result = True, result
+
+
+class Group:
+    """Base class. Attributes: name, size, rank (in the group), ranks (world ranks of the members)."""
+
+    name: str
+    size: int
+    rank: int
+    ranks: tuple
+
+    # ---- raw operations: contiguous arrays, axis 0; implemented by the transports -------------
+    def _all_reduce(self, buf, op):
+        raise NotImplementedError
+
+    def _all_gather(self, send, recv, counts):
+        raise NotImplementedError
+
+    def _reduce_scatter(self, send, recv, counts, op):
+        raise NotImplementedError
+
+    def _broadcast(self, buf, root):
+        raise NotImplementedError
+
+    def _isend(self, buf, peer, tag):
+        raise NotImplementedError
+
+    def _irecv(self, buf, peer, tag):
+        raise NotImplementedError
+
+    def _iall_reduce(self, buf, op):
+        raise NotImplementedError
+
+    def _wait_all(self, requests):
+        raise NotImplementedError
+
+    def _barrier(self):
+        raise NotImplementedError
+
+    def _group_start(self):
+        """Batched point-to-point: NCCL fuses what is issued between start and end."""
+
+    def _group_end(self):
+        pass
+
+    # ---- ledger ---------------------------------------------------------------------------
+    def _record_begin(self, kind):
+        return _ledger.get().begin(kind, self.name)
+
+    def _record_end(self, token, peer, nbytes, dtype):
+        _ledger.get().end(token, self.size, peer, nbytes, str(dtype))
+
+    # ---- collectives ------------------------------------------------------------------------
+    def all_reduce(self, x, op="sum"):
+        """In place over the group; returns x. op: sum, avg, max, min."""
+        _check_op(op)
+        if self.size == 1:
+            return x
+        token = self._record_begin("all_reduce")
+        self._all_reduce(x, "sum" if op == "avg" else op)
+        if op == "avg":
+            x /= self.size
+        self._record_end(token, -1, x.nbytes, x.dtype)
+        return x
+
+    def iall_reduce(self, x, op="sum") -> Handle:
+        """Non-blocking all_reduce in place; wait() returns x."""
+        _check_op(op)
+        if self.size == 1:
+            return _Done(x)
+        token = self._record_begin("iall_reduce")
+        requests = self._iall_reduce(x, "sum" if op == "avg" else op)
+
+        def finish():
+            if op == "avg":
+                numpy.divide(x, self.size, out=x, casting="unsafe") if isinstance(x, numpy.ndarray) else x.__itruediv__(
+                    self.size
+                )
+            return x
+
+        return Handle(self, token, requests, finish, x.nbytes, x.dtype)
+
+    def all_gather(self, x, axis=0, sizes=None):
+        """Concatenate every member's x along axis. sizes: each member's extent along axis when
+        they differ (defaults to equal extents)."""
+        if self.size == 1:
+            return x
+        xp = array_module(x)
+        front = _to_front(x, axis)
+        counts = list(sizes) if sizes is not None else [front.shape[0]] * self.size
+        out = xp.empty((sum(counts),) + front.shape[1:], dtype=x.dtype)
+        token = self._record_begin("all_gather")
+        self._all_gather(front, out, counts)
+        self._record_end(token, -1, out.nbytes, x.dtype)
+        return _from_front(out, axis)
+
+    def reduce_scatter(self, x, axis=0, op="sum"):
+        """Reduce x over the group and return this rank's block along axis (numpy.array_split's
+        blocks when the extent does not divide)."""
+        _check_op(op)
+        if self.size == 1:
+            return x
+        xp = array_module(x)
+        front = _to_front(x, axis)
+        counts = block_sizes(front.shape[0], self.size)
+        out = xp.empty((counts[self.rank],) + front.shape[1:], dtype=x.dtype)
+        token = self._record_begin("reduce_scatter")
+        self._reduce_scatter(front, out, counts, "sum" if op == "avg" else op)
+        if op == "avg":
+            out /= self.size
+        self._record_end(token, -1, front.nbytes, x.dtype)
+        return _from_front(out, axis)
+
+    def broadcast(self, x, root=0):
+        """In place from group rank root; returns x."""
+        if self.size == 1:
+            return x
+        token = self._record_begin("broadcast")
+        self._broadcast(x, root)
+        self._record_end(token, -1, x.nbytes, x.dtype)
+        return x
+
+    def barrier(self):
+        if self.size > 1:
+            token = self._record_begin("barrier")
+            self._barrier()
+            self._record_end(token, -1, 0, "")
+
+    # ---- point to point ------------------------------------------------------------------------
+    def isend(self, x, peer, tag=0) -> Handle:
+        token = self._record_begin("send")
+        return Handle(self, token, self._isend(x, peer, tag), None, x.nbytes, x.dtype, peer)
+
+    def irecv(self, out, peer, tag=0) -> Handle:
+        """Receive into the preallocated out; wait() returns it."""
+        token = self._record_begin("recv")
+        return Handle(self, token, self._irecv(out, peer, tag), lambda: out, out.nbytes, out.dtype, peer)
+
+    def send(self, x, peer, tag=0):
+        self.isend(x, peer, tag).wait()
+
+    def recv(self, out, peer, tag=0):
+        return self.irecv(out, peer, tag).wait()
+
+    def batch_isend_irecv(self, ops) -> list[Handle]:
+        """ops: [("send", array, peer, tag) | ("recv", out, peer, tag)] issued together."""
+        self._group_start()
+        try:
+            handles = [
+                self.isend(a, peer, tag) if kind == "send" else self.irecv(a, peer, tag) for kind, a, peer, tag in ops
+            ]
+        finally:
+            self._group_end()
+        return handles
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.name}, rank {self.rank}/{self.size}, world ranks {list(self.ranks)})"
+
+
+class SelfGroup(Group):
+    """A group of one process: every collective is the identity; nothing is recorded."""
+
+    def __init__(self, name="self", world_rank=0):
+        self.name, self.size, self.rank, self.ranks = name, 1, 0, (world_rank,)
+
+    def _barrier(self):
+        pass
+
+
+def _check_op(op):
+    if op not in OPS:
+        raise ValueError(f"reduction op must be one of {OPS}, not {op!r}")
+
+
+def _to_front(x, axis):
+    xp = array_module(x)
+    if axis % x.ndim == 0:
+        return xp.ascontiguousarray(x)
+    return xp.ascontiguousarray(xp.moveaxis(x, axis, 0))
+
+
+def _from_front(x, axis):
+    if axis % x.ndim == 0:
+        return x
+    xp = array_module(x)
+    return xp.ascontiguousarray(xp.moveaxis(x, 0, axis))
+
+
+def numpy_op(op):
+    """The NumPy reduction matching an op name (for local references in tests and transports)."""
+    return {"sum": numpy.add, "avg": numpy.add, "max": numpy.maximum, "min": numpy.minimum}[op]

@@ -1,0 +1,180 @@
+"""The ledger: a record of every operation that crosses a process boundary.
+
+Always on, and cheap: per (kind, group) totals of count, bytes and seconds, and per group the sequence
+number and kind of the last completed operation (what the hang watchdog prints). With
+`keep_events=True` (tests, `--trace`) every operation is also kept as an Event, so the bytes moved can
+be checked against their formula and drawn on a timeline (Chrome trace JSON, one track per rank).
+
+Bytes are the message size in nccl-tests' convention (all-reduce: the buffer; all-gather: the gathered
+output; reduce-scatter: the input; send/recv/broadcast: the buffer); `wire_bytes` turns that into the
+bytes a rank sends with ring algorithms, e.g. 2(n-1)/n of the buffer for an all-reduce.
+"""
+
+import json
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+_WIRE_FACTOR = {
+    "all_reduce": lambda n: 2 * (n - 1) / n,
+    "all_gather": lambda n: (n - 1) / n,
+    "reduce_scatter": lambda n: (n - 1) / n,
+    "broadcast": lambda n: 1.0 if n > 1 else 0.0,
+    "send": lambda n: 1.0,
+    "recv": lambda n: 0.0,
+}
+
+
+def wire_bytes(kind: str, nbytes: int, group_size: int) -> float:
+    """Bytes one rank sends for an operation of this message size (ring algorithms)."""
+    base = kind[1:] if kind.startswith("i") and kind[1:] in _WIRE_FACTOR else kind
+    factor = _WIRE_FACTOR.get(base)
+    return nbytes * factor(group_size) if factor else 0.0
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str  # all_reduce, all_gather, reduce_scatter, broadcast, send, recv, ... or compute:<name>
+    group: str  # tp, dp, pp, embed, world, ...
+    group_size: int
+    peer: int  # group rank of the peer for send/recv, -1 for collectives
+    nbytes: int
+    dtype: str
+    start: float  # seconds since the epoch (all ranks of a node share the clock)
+    end: float
+    seq: int  # sequence number of this operation within its group on this rank
+    label: str  # the model scope that issued it, e.g. "h.3" ("" outside the model)
+
+    @property
+    def wire_bytes(self) -> float:
+        return wire_bytes(self.kind, self.nbytes, self.group_size)
+
+
+class Ledger:
+    def __init__(self, rank: int = 0, keep_events: bool = False):
+        self.rank = rank
+        self.keep_events = keep_events
+        self.events: list[Event] = []
+        self.totals = defaultdict(lambda: [0, 0, 0.0])  # (kind, group) -> [count, bytes, seconds]
+        self.seq = defaultdict(int)  # group -> operations started
+        self.last_done: dict[str, tuple[int, str, str]] = {}  # group -> (seq, kind, label) completed
+        self.in_flight: dict[int, tuple] = {}  # token -> (group, seq, kind, label, started)
+        self.label = ""
+        self._t0_wall = time.time()
+        self._t0 = time.perf_counter()
+        self._token = 0
+
+    def now(self) -> float:
+        return self._t0_wall + (time.perf_counter() - self._t0)
+
+    @contextmanager
+    def scope(self, label: str):
+        """Tag every operation issued inside with a model scope (e.g. the block name)."""
+        previous, self.label = self.label, label
+        try:
+            yield
+        finally:
+            self.label = previous
+
+    def begin(self, kind: str, group: str) -> int:
+        """Mark an operation as started; returns a token for end()."""
+        self._token += 1
+        seq = self.seq[group]
+        self.seq[group] = seq + 1
+        self.in_flight[self._token] = (group, seq, kind, self.label, self.now())
+        return self._token
+
+    def end(self, token: int, group_size: int, peer: int, nbytes: int, dtype: str) -> None:
+        group, seq, kind, label, start = self.in_flight.pop(token)
+        stop = self.now()
+        total = self.totals[(kind, group)]
+        total[0] += 1
+        total[1] += nbytes
+        total[2] += stop - start
+        self.last_done[group] = (seq, kind, label)
+        if self.keep_events:
+            self.events.append(Event(kind, group, group_size, peer, nbytes, dtype, start, stop, seq, label))
+
+    @contextmanager
+    def span(self, name: str, group: str = "compute"):
+        """A computation span (forward/backward of a micro-batch) for the timeline; events only."""
+        if not self.keep_events:
+            yield
+            return
+        start = self.now()
+        try:
+            yield
+        finally:
+            self.events.append(Event("compute:" + name, group, 1, -1, 0, "", start, self.now(), -1, self.label))
+
+    def comm_seconds(self) -> float:
+        return sum(t[2] for t in self.totals.values())
+
+    def summary_rows(self):
+        """[(kind, group, count, bytes, seconds)] sorted by group then kind."""
+        rows = [(k, g, c, b, s) for (k, g), (c, b, s) in self.totals.items()]
+        return sorted(rows, key=lambda r: (r[1], r[0]))
+
+    def reset(self):
+        self.events.clear()
+        self.totals.clear()
+
+    def chrome_events(self):
+        """This rank's events as Chrome trace 'X' (complete) events; pid = rank, one track each."""
+        out = []
+        for e in self.events:
+            compute = e.kind.startswith("compute:")
+            out.append(
+                {
+                    "name": e.kind[len("compute:") :] if compute else f"{e.kind} {e.group}",
+                    "cat": "compute" if compute else e.group,
+                    "ph": "X",
+                    "ts": e.start * 1e6,
+                    "dur": max(e.end - e.start, 0.0) * 1e6,
+                    "pid": self.rank,
+                    "tid": 0 if compute else 1,
+                    "args": {
+                        "bytes": e.nbytes,
+                        "peer": e.peer,
+                        "seq": e.seq,
+                        "label": e.label,
+                        "dtype": e.dtype,
+                    },
+                }
+            )
+        return out
+
+
+def chrome_trace(per_rank_events: list[list[dict]]) -> str:
+    """Merge ranks' event lists into one Chrome trace (openable in Perfetto or chrome://tracing)."""
+    events = []
+    for rank, evs in enumerate(per_rank_events):
+        events.append({"name": "process_name", "ph": "M", "pid": rank, "args": {"name": f"rank {rank}"}})
+        events.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": 0, "args": {"name": "compute"}})
+        events.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": 1, "args": {"name": "comm"}})
+        events.extend(evs)
+    return json.dumps({"traceEvents": events, "displayTimeUnit": "ms"})
+
+
+def format_summary(rows, title="communication") -> str:
+    """A table of (kind, group, count, bytes, seconds) rows."""
+    lines = [f"{title}: {'kind':<16}{'group':<8}{'ops':>8}{'MiB':>12}{'seconds':>10}"]
+    pad = " " * (len(title) + 2)
+    for kind, group, count, nbytes, secs in rows:
+        lines.append(f"{pad}{kind:<16}{group:<8}{count:>8}{nbytes / 2**20:>12.2f}{secs:>10.3f}")
+    return "\n".join(lines)
+
+
+# The process's ledger. Groups record into it; the trainer and tests may replace it.
+_ledger = Ledger()
+
+
+def get() -> Ledger:
+    return _ledger
+
+
+def install(ledger: Ledger) -> Ledger:
+    global _ledger
+    _ledger = ledger
+    return ledger

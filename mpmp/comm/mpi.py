@@ -1,0 +1,173 @@
+"""Collectives and point-to-point over mpi4py's buffer methods (upper-case: no pickling of arrays).
+
+CuPy arrays go to MPI as device buffers when the MPI library is CUDA-aware (after synchronising the
+stream that produced them), otherwise through a host copy; `cuda_aware()` says which, and start-up
+prints it. Also here: `abort_on_exception`, which turns an uncaught exception on any rank into
+"rank R: <error>" and MPI_Abort, so one failing rank ends the job instead of hanging it.
+"""
+
+import ctypes
+import os
+import sys
+import traceback
+
+import numpy
+
+from mpmp.backend import is_device_array
+from mpmp.comm.group import Group
+
+_MPI = None
+
+
+def MPI():
+    """mpi4py's MPI module, imported on first use (importing it initialises MPI)."""
+    global _MPI
+    if _MPI is None:
+        from mpi4py import MPI as mpi
+
+        _MPI = mpi
+    return _MPI
+
+
+def _op(op):
+    m = MPI()
+    return {"sum": m.SUM, "max": m.MAX, "min": m.MIN}[op]
+
+
+_cuda_aware = None
+
+
+def cuda_aware() -> bool:
+    """Whether MPI can take device pointers: MPMP_CUDA_AWARE=0/1 wins, else MPIX_Query_cuda_support."""
+    global _cuda_aware
+    if _cuda_aware is None:
+        env = os.environ.get("MPMP_CUDA_AWARE")
+        if env in ("0", "1"):
+            _cuda_aware = env == "1"
+        else:
+            _cuda_aware = False
+            try:
+                lib = ctypes.CDLL(None)  # the MPI library is already loaded by mpi4py
+                MPI()
+                fn = getattr(lib, "MPIX_Query_cuda_support", None)
+                if fn is None:
+                    import mpi4py.MPI as m
+
+                    fn = getattr(ctypes.CDLL(m.__file__), "MPIX_Query_cuda_support", None)
+                _cuda_aware = bool(fn and fn())
+            except OSError:
+                _cuda_aware = False
+    return _cuda_aware
+
+
+class _Staged:
+    """A buffer as MPI sees it: the array itself, or a host copy for device arrays without CUDA-aware
+    MPI. `back()` copies a staged receive buffer to the device array."""
+
+    def __init__(self, a, copy_in=True):
+        self.array = a
+        if is_device_array(a):
+            import cupy
+
+            cupy.cuda.get_current_stream().synchronize()
+            if cuda_aware():
+                self.buf = a
+            else:
+                self.buf = a.get() if copy_in else numpy.empty(a.shape, dtype=a.dtype)
+        else:
+            self.buf = a
+
+    def back(self):
+        if self.buf is not self.array:
+            self.array.set(self.buf)
+
+
+class MPIGroup(Group):
+    """A group over an MPI communicator."""
+
+    def __init__(self, comm, name: str, ranks=None):
+        self.comm = comm
+        self.name = name
+        self.size = comm.Get_size()
+        self.rank = comm.Get_rank()
+        self.ranks = tuple(ranks) if ranks is not None else tuple(range(self.size))
+
+    def _all_reduce(self, buf, op):
+        if not buf.flags.c_contiguous:
+            raise ValueError("all_reduce works in place and needs a contiguous array")
+        s = _Staged(buf)
+        self.comm.Allreduce(MPI().IN_PLACE, s.buf, op=_op(op))
+        s.back()
+
+    def _iall_reduce(self, buf, op):
+        if not buf.flags.c_contiguous:
+            raise ValueError("iall_reduce works in place and needs a contiguous array")
+        s = _Staged(buf)
+        return [(self.comm.Iallreduce(MPI().IN_PLACE, s.buf, op=_op(op)), s)]
+
+    def _all_gather(self, send, recv, counts):
+        s, r = _Staged(send), _Staged(recv, copy_in=False)
+        row = int(numpy.prod(send.shape[1:], dtype=numpy.int64))
+        if all(c == counts[0] for c in counts):
+            self.comm.Allgather(s.buf, r.buf)
+        else:
+            sizes = [c * row for c in counts]
+            displs = numpy.concatenate([[0], numpy.cumsum(sizes)[:-1]]).tolist()
+            self.comm.Allgatherv(s.buf, [r.buf, sizes, displs, MPI()._typedict[send.dtype.char]])
+        r.back()
+
+    def _reduce_scatter(self, send, recv, counts, op):
+        s, r = _Staged(send), _Staged(recv, copy_in=False)
+        row = int(numpy.prod(send.shape[1:], dtype=numpy.int64))
+        self.comm.Reduce_scatter(s.buf, r.buf, [c * row for c in counts], op=_op(op))
+        r.back()
+
+    def _broadcast(self, buf, root):
+        s = _Staged(buf)
+        self.comm.Bcast(s.buf, root=root)
+        s.back()
+
+    def _isend(self, buf, peer, tag):
+        s = _Staged(buf)
+        return [(self.comm.Isend(s.buf, dest=peer, tag=tag), None)]
+
+    def _irecv(self, buf, peer, tag):
+        r = _Staged(buf, copy_in=False)
+        return [(self.comm.Irecv(r.buf, source=peer, tag=tag), r)]
+
+    def _wait_all(self, requests):
+        MPI().Request.Waitall([req for req, _ in requests])
+        for _, staged in requests:
+            if staged is not None:
+                staged.back()
+
+    def _barrier(self):
+        self.comm.Barrier()
+
+
+def world_group() -> MPIGroup:
+    return MPIGroup(MPI().COMM_WORLD, "world")
+
+
+def abort_on_exception():
+    """Make an uncaught exception on any rank abort the whole job with that rank's message.
+
+    Without this, the failing rank exits while its peers wait forever in their next collective.
+    MpmpError (bad input) prints one line; anything else prints its traceback first.
+    """
+    from mpmp.errors import MpmpError
+
+    def hook(exc_type, exc, tb):
+        rank = MPI().COMM_WORLD.Get_rank() if _MPI is not None else 0
+        if issubclass(exc_type, MpmpError):
+            code = exc.exit_code
+        else:
+            traceback.print_exception(exc_type, exc, tb, file=sys.stderr)
+            code = 1
+        print(f"rank {rank}: {exc_type.__name__}: {exc}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        if _MPI is not None and MPI().COMM_WORLD.Get_size() > 1:
+            MPI().COMM_WORLD.Abort(code)
+        os._exit(code)
+
+    sys.excepthook = hook

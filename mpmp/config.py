@@ -1,0 +1,101 @@
+"""Configuration dataclasses and their validation.
+
+Every check happens before the first collective and raises ConfigError with the numbers in the
+message, so every rank prints the same clear line and exits with code 2.
+"""
+
+from dataclasses import asdict, dataclass, field
+
+from mpmp.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab: int = 256
+    seq_len: int = 128  # the length of wpe (maximum positions)
+    d_model: int = 128
+    layers: int = 4
+    heads: int = 4
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.heads
+
+    @property
+    def units(self) -> int:
+        """Pipeline units: the embedding, the L blocks, the head (ln_f + tied output + loss)."""
+        return self.layers + 2
+
+    def num_params(self, include_wpe=True) -> int:
+        d, layer = self.d_model, 12 * self.d_model**2 + 13 * self.d_model
+        n = self.vocab * d + self.layers * layer + 2 * d
+        return n + (self.seq_len * d if include_wpe else 0)
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """6N + 12·L·D·S (N without position embeddings, as in nanoGPT / PaLM's MFU)."""
+        return 6 * self.num_params(include_wpe=False) + 12 * self.layers * self.d_model * seq_len
+
+    def validate(self, tp: int = 1):
+        for name in ("vocab", "seq_len", "d_model", "layers", "heads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(self, name)}")
+        if self.d_model % self.heads:
+            raise ConfigError(f"--heads ({self.heads}) must divide --d-model ({self.d_model})")
+        if self.heads % tp:
+            raise ConfigError(f"--heads ({self.heads}) must be divisible by --tp ({tp})")
+        if (4 * self.d_model) % tp:
+            raise ConfigError(f"4*d_model ({4 * self.d_model}) must be divisible by --tp ({tp})")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    schedule: str = "1f1b"
+    virtual_stages: int = 1
+    micro_batches: int = 1
+    sequence_parallel: bool = False
+    partition: str = "uniform"
+    zero: int = 0
+    bucket_mb: float = 25.0
+    recompute: str = "none"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    global_batch: int = 16
+    seq_len: int = 128
+    steps: int = 200
+    lr: float = 3e-3
+    min_lr: float = 0.0
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip: float = 1.0
+    seed: int = 1234
+    dtype: str = "fp32"
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def validate_batch(global_batch: int, dp: int, micro_batches: int, seq_len: int, model: ModelConfig):
+    if global_batch < 1:
+        raise ConfigError(f"--global-batch must be at least 1, not {global_batch}")
+    if micro_batches < 1:
+        raise ConfigError(f"--micro-batches must be at least 1, not {micro_batches}")
+    if global_batch % (dp * micro_batches):
+        raise ConfigError(
+            f"--global-batch ({global_batch}) must be divisible by dp*micro-batches "
+            f"({dp}*{micro_batches} = {dp * micro_batches})"
+        )
+    if seq_len < 1:
+        raise ConfigError(f"--seq-len must be at least 1, not {seq_len}")
+    if seq_len > model.seq_len:
+        raise ConfigError(f"--seq-len ({seq_len}) is longer than the position table wpe ({model.seq_len} positions)")

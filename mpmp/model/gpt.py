@@ -1,0 +1,315 @@
+"""GPT-2 built from the layers, sliceable into pipeline stages, named as the interchange format.
+
+The model is a sequence of L + 2 units: the embedding (unit 0), the L blocks (units 1..L) and the head
+(unit L + 1: ln_f, the tied output projection and the loss). A pipeline chunk is a contiguous range of
+units. Every parameter is created from a *source* of full interchange tensors (a seeded initialiser or
+an .npz file) and then sharded for this rank's tp position, so any layout starts from the same numbers.
+"""
+
+import zlib
+from dataclasses import dataclass
+
+import numpy
+
+from mpmp.backend import xp
+from mpmp.comm import ledger
+from mpmp.comm.group import SelfGroup
+from mpmp.config import ModelConfig
+from mpmp.nn import layers as L
+from mpmp.nn import parallel as P
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    name: str
+    shape: tuple
+    split: str | None  # see parallel.shard
+    decay: bool  # AdamW weight decay: 2-D tensors only
+    std: float  # initialisation: normal(0, std); 0 = zeros; -1 = ones
+
+
+def param_infos(cfg: ModelConfig) -> list[ParamInfo]:
+    """Every tensor of the interchange format, in forward order. GPT-2's initialisation: N(0, 0.02),
+    residual projections scaled by 1/sqrt(2L), position table N(0, 0.01), LayerNorm (1, 0)."""
+    v, s, d = cfg.vocab, cfg.seq_len, cfg.d_model
+    proj_std = 0.02 / (2 * cfg.layers) ** 0.5
+    out = [
+        ParamInfo("wte.weight", (v, d), "vocab", True, 0.02),
+        ParamInfo("wpe.weight", (s, d), None, True, 0.01),
+    ]
+    for i in range(cfg.layers):
+        h = f"h.{i}."
+        out += [
+            ParamInfo(h + "ln_1.weight", (d,), None, False, -1),
+            ParamInfo(h + "ln_1.bias", (d,), None, False, 0),
+            ParamInfo(h + "attn.c_attn.weight", (d, 3 * d), "qkv", True, 0.02),
+            ParamInfo(h + "attn.c_attn.bias", (3 * d,), "qkv", False, 0),
+            ParamInfo(h + "attn.c_proj.weight", (d, d), "row", True, proj_std),
+            ParamInfo(h + "attn.c_proj.bias", (d,), None, False, 0),
+            ParamInfo(h + "ln_2.weight", (d,), None, False, -1),
+            ParamInfo(h + "ln_2.bias", (d,), None, False, 0),
+            ParamInfo(h + "mlp.c_fc.weight", (d, 4 * d), "col", True, 0.02),
+            ParamInfo(h + "mlp.c_fc.bias", (4 * d,), "col", False, 0),
+            ParamInfo(h + "mlp.c_proj.weight", (4 * d, d), "row", True, proj_std),
+            ParamInfo(h + "mlp.c_proj.bias", (d,), None, False, 0),
+        ]
+    out += [ParamInfo("ln_f.weight", (d,), None, False, -1), ParamInfo("ln_f.bias", (d,), None, False, 0)]
+    return out
+
+
+def random_source(cfg: ModelConfig, seed: int):
+    """Full float32 tensors from GPT-2's initialisation; each tensor's stream depends only on (seed,
+    name), so every rank of every layout draws the same numbers."""
+    infos = {p.name: p for p in param_infos(cfg)}
+
+    def source(name):
+        p = infos[name]
+        if p.std == 0:
+            return numpy.zeros(p.shape, numpy.float32)
+        if p.std == -1:
+            return numpy.ones(p.shape, numpy.float32)
+        rng = numpy.random.default_rng([seed, zlib.crc32(name.encode())])
+        return (rng.standard_normal(p.shape, dtype=numpy.float32) * numpy.float32(p.std)).astype(numpy.float32)
+
+    return source
+
+
+def unit_names(cfg: ModelConfig) -> list[str]:
+    return ["embed"] + [f"h.{i}" for i in range(cfg.layers)] + ["head"]
+
+
+def unit_params(cfg: ModelConfig, unit: int) -> list[str]:
+    """Interchange names used by a unit (the head uses the tied wte)."""
+    if unit == 0:
+        return ["wte.weight", "wpe.weight"]
+    if unit == cfg.layers + 1:
+        return ["wte.weight", "ln_f.weight", "ln_f.bias"]
+    return [p.name for p in param_infos(cfg) if p.name.startswith(f"h.{unit - 1}.")]
+
+
+@dataclass
+class MicroBatch:
+    inputs: object  # [b, S] token ids (first stage)
+    targets: object  # [b, S] token ids (last stage)
+    loss_scale: float  # 1 / (tokens in the global batch): the loss is the global mean
+
+
+class Embedding:
+    """Unit 0: token embedding (vocab-parallel) plus learned positions."""
+
+    name = "embed"
+
+    def __init__(self, wte, wpe, group, sp):
+        self.tok = P.VocabParallelEmbedding(wte, group, sp)
+        self.wpe, self.group, self.sp = wpe, group, sp
+
+    def parameters(self):
+        return [self.tok.weight, self.wpe]
+
+    def _positions(self, seq):
+        if not self.sp:
+            return 0, seq
+        k = seq // self.group.size
+        return self.group.rank * k, (self.group.rank + 1) * k
+
+    def forward(self, x, mb):
+        ids = mb.inputs
+        out, cache = self.tok.forward(ids)
+        lo, hi = self._positions(ids.shape[1])
+        out += self.wpe.data[lo:hi]
+        return out, (cache, lo, hi)
+
+    def backward(self, dy, cache, wgrad=None):
+        tok_cache, lo, hi = cache
+        L.defer(wgrad, _add_rows, self.wpe.grad, lo, hi, dy)
+        self.tok.backward(dy, tok_cache, wgrad)
+        return None
+
+
+def _add_rows(grad, lo, hi, dy):
+    grad[lo:hi] += dy.sum(axis=0)
+
+
+class Head:
+    """Unit L+1: ln_f, logits against the tied (vocab-parallel) wte, and the cross-entropy."""
+
+    name = "head"
+
+    def __init__(self, ln_f, wte, group, sp, vocab):
+        self.ln_f = ln_f
+        self.lm = P.ColumnParallelLinear(wte, None, group, sp, transpose=True)
+        self.group = group
+        v_local = wte.data.shape[0]
+        self.vocab_start = group.rank * v_local
+        self.vocab_valid = max(0, min(v_local, vocab - self.vocab_start))
+
+    def parameters(self):
+        return self.ln_f.parameters() + [self.lm.weight]
+
+    def forward(self, x, mb):
+        h, c1 = self.ln_f.forward(x)
+        logits, c2 = self.lm.forward(h)
+        del h
+        b, s, v = logits.shape
+        loss, c3 = P.vocab_parallel_cross_entropy(
+            logits.reshape(b * s, v),
+            mb.targets,
+            mb.loss_scale,
+            self.group,
+            self.vocab_start,
+            self.vocab_valid,
+        )
+        return loss, (c1, c2, c3, (b, s, v))
+
+    def backward(self, dy, cache, wgrad=None):
+        c1, c2, c3, shape = cache
+        from mpmp.nn.functional import cross_entropy_backward
+
+        dlogits = cross_entropy_backward(c3).reshape(shape)
+        dh = self.lm.backward(dlogits, c2, wgrad)
+        return self.ln_f.backward(dh, c1, wgrad)
+
+
+class Chunk:
+    """A contiguous range of units [start, end) held by one rank: one pipeline (virtual) stage."""
+
+    def __init__(self, modules, start, end, n_units):
+        self.modules, self.start, self.end = modules, start, end
+        self.is_first = start == 0
+        self.is_last = end == n_units
+
+    def parameters(self):
+        return _unique(p for m in self.modules for p in m.parameters())
+
+    def forward(self, x, mb):
+        """x: the previous chunk's activation (None on the first chunk). Returns (y, caches); y is the
+        loss (a float) on the last chunk."""
+        led = ledger.get()
+        caches = []
+        for m in self.modules:
+            with led.scope(m.name):
+                x, c = m.forward(x, mb)
+            caches.append(c)
+        return x, caches
+
+    def backward(self, dy, caches, wgrad=None, on_module_done=None):
+        """dy: gradient of the chunk's output (None on the last chunk). Returns the input gradient.
+        on_module_done(module) is called as each module's backward finishes."""
+        led = ledger.get()
+        for m, c in zip(reversed(self.modules), reversed(caches)):
+            with led.scope(m.name):
+                dy = m.backward(dy, c, wgrad)
+            if on_module_done is not None:
+                on_module_done(m)
+        return dy
+
+
+class ParamStore:
+    """Creates each parameter once per rank, from the source, sharded for this tp rank."""
+
+    def __init__(self, cfg: ModelConfig, source, group, dtype=numpy.float32):
+        self.cfg, self.source, self.group, self.dtype = cfg, source, group, dtype
+        self.infos = {p.name: p for p in param_infos(cfg)}
+        self.params: dict[str, L.Parameter] = {}
+
+    def __getitem__(self, name) -> L.Parameter:
+        if name not in self.params:
+            info = self.infos[name]
+            local = P.shard(
+                numpy.asarray(self.source(name), dtype=numpy.float32),
+                info.split,
+                self.group.rank,
+                self.group.size,
+            )
+            data = xp().asarray(local.astype(self.dtype))
+            self.params[name] = L.Parameter(data, name, split=info.split, decay=info.decay)
+        return self.params[name]
+
+
+def build_block(i, store, group, sp, recompute):
+    h = f"h.{i}."
+    heads_local = store.cfg.heads // group.size
+    attn = L.Attention(
+        P.ColumnParallelLinear(store[h + "attn.c_attn.weight"], store[h + "attn.c_attn.bias"], group, sp),
+        P.RowParallelLinear(store[h + "attn.c_proj.weight"], store[h + "attn.c_proj.bias"], group, sp),
+        heads_local,
+        keep_probs=recompute != "selective",
+    )
+    mlp = L.MLP(
+        P.ColumnParallelLinear(store[h + "mlp.c_fc.weight"], store[h + "mlp.c_fc.bias"], group, sp),
+        P.RowParallelLinear(store[h + "mlp.c_proj.weight"], store[h + "mlp.c_proj.bias"], group, sp),
+    )
+    ln_1 = L.LayerNorm(store[h + "ln_1.weight"], store[h + "ln_1.bias"])
+    ln_2 = L.LayerNorm(store[h + "ln_2.weight"], store[h + "ln_2.bias"])
+    return L.Block(f"h.{i}", ln_1, attn, ln_2, mlp, recompute="full" if recompute == "full" else "none")
+
+
+class GPT:
+    """The chunks of GPT-2 that one rank holds.
+
+    ranges: [(start, end)] unit ranges of this rank's chunks, in execution order (one per virtual
+    stage). group: the tp group (a SelfGroup for one process). sp: sequence parallelism.
+    recompute: none | selective | full. dtype: float32 (float64 for finite-difference tests).
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        source,
+        ranges=None,
+        group=None,
+        sp=False,
+        recompute="none",
+        dtype=numpy.float32,
+    ):
+        self.cfg = cfg
+        group = group or SelfGroup("tp")
+        self.group, self.sp = group, sp
+        ranges = ranges or [(0, cfg.units)]
+        store = ParamStore(cfg, source, group, dtype)
+        self.chunks = []
+        for start, end in ranges:
+            modules = []
+            for u in range(start, end):
+                if u == 0:
+                    modules.append(Embedding(store["wte.weight"], store["wpe.weight"], group, sp))
+                elif u == cfg.units - 1:
+                    ln_f = L.LayerNorm(store["ln_f.weight"], store["ln_f.bias"])
+                    modules.append(Head(ln_f, store["wte.weight"], group, sp, cfg.vocab))
+                else:
+                    modules.append(build_block(u - 1, store, group, sp, recompute))
+            self.chunks.append(Chunk(modules, start, end, cfg.units))
+        holds_embed = any(c.is_first for c in self.chunks)
+        if not holds_embed and any(c.is_last for c in self.chunks):
+            store["wte.weight"].tied_copy = True
+        for p in store.params.values():
+            # Under SP these replicated tensors see only this rank's sequence shard: partial grads.
+            p.sequence_parallel = sp and p.split is None and group.size > 1
+
+    def parameters(self) -> list[L.Parameter]:
+        return _unique(p for c in self.chunks for p in c.parameters())
+
+    def zero_grad(self):
+        for p in self.parameters():
+            p.grad[...] = 0
+
+    def local_state(self) -> dict:
+        """{interchange name: this rank's shard} as host arrays."""
+        from mpmp.backend import to_numpy
+
+        return {p.name: to_numpy(p.data) for p in self.parameters()}
+
+
+def _unique(params):
+    seen, out = set(), []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def split_microbatches(inputs, targets, m, loss_scale):
+    """A replica's [b*m, S] share of the batch -> m consecutive MicroBatches."""
+    b = inputs.shape[0] // m
+    return [MicroBatch(inputs[i * b : (i + 1) * b], targets[i * b : (i + 1) * b], loss_scale) for i in range(m)]

@@ -1,0 +1,287 @@
+"""Pure kernels of GPT-2, each forward beside its backward.
+
+Every forward returns `(out, cache)`; the matching backward takes the upstream gradient and that cache.
+Nothing here owns state or communicates: the tensor-parallel variants in `parallel.py` wrap these
+kernels with collectives. Arrays are NumPy or CuPy; the dtype of the inputs is kept (float32 in
+training, float64 in the finite-difference tests).
+"""
+
+import math
+
+from mpmp.backend import array_module
+
+# ---------------------------------------------------------------------------------------------
+# Linear (GPT-2's Conv1D layout: y = x @ W + b, W is [in, out])
+# ---------------------------------------------------------------------------------------------
+
+
+def linear_forward(x, w, b=None):
+    """x [..., in] @ w [in, out] (+ b [out]). The cache is the input, needed for dW."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = x2 @ w
+    if b is not None:
+        y += b
+    return y.reshape(*x.shape[:-1], w.shape[1]), x
+
+
+def linear_backward_input(dy, w):
+    """dx = dy @ W^T: the input-gradient half (B in zero-bubble terms)."""
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    return (dy2 @ w.T).reshape(*dy.shape[:-1], w.shape[0])
+
+
+def linear_backward_weight(dy, x, dw, db=None):
+    """dW += x^T @ dy and db += sum(dy): the weight-gradient half (W), accumulated in place."""
+    x2 = x.reshape(-1, x.shape[-1])
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    dw += x2.T @ dy2
+    if db is not None:
+        db += dy2.sum(axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding lookup
+# ---------------------------------------------------------------------------------------------
+
+
+def embedding_forward(ids, weight):
+    """Rows of weight [V, D] at integer ids [...] -> [..., D]."""
+    return weight[ids], ids
+
+
+def embedding_backward(dout, ids, dweight):
+    """Scatter-add dout [..., D] into the rows of dweight that ids selected."""
+    xp = array_module(dout)
+    flat_ids = ids.reshape(-1)
+    flat_d = dout.reshape(-1, dout.shape[-1])
+    if xp.__name__ == "numpy":
+        xp.add.at(dweight, flat_ids, flat_d)
+    else:  # cupyx.scatter_add is the CuPy spelling of ufunc.at
+        import cupyx
+
+        cupyx.scatter_add(dweight, flat_ids, flat_d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer norm (over the last dimension)
+# ---------------------------------------------------------------------------------------------
+
+
+def layernorm_forward(x, w, b, eps=1e-5):
+    xp = array_module(x)
+    mean = x.mean(axis=-1, keepdims=True)
+    xc = x - mean
+    var = (xc * xc).mean(axis=-1, keepdims=True)
+    rstd = 1.0 / xp.sqrt(var + eps)
+    xhat = xc
+    xhat *= rstd
+    y = xhat * w
+    y += b
+    return y, (xhat, rstd, w)
+
+
+def layernorm_backward(dy, cache, dw, db):
+    """Returns dx; accumulates dw, db. dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w."""
+    xhat, rstd, w = cache
+    d = dy.shape[-1]
+    dy2 = dy.reshape(-1, d)
+    xhat2 = xhat.reshape(-1, d)
+    dw += (dy2 * xhat2).sum(axis=0)
+    db += dy2.sum(axis=0)
+    g = dy * w
+    mean_g = g.mean(axis=-1, keepdims=True)
+    mean_gx = (g * xhat).mean(axis=-1, keepdims=True)
+    g -= mean_g
+    g -= xhat * mean_gx
+    g *= rstd
+    return g
+
+
+# ---------------------------------------------------------------------------------------------
+# GELU, tanh approximation (GPT-2's "gelu_new")
+# ---------------------------------------------------------------------------------------------
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+_GELU_A = 0.044715
+
+
+def gelu_forward(x):
+    xp = array_module(x)
+    c = x.dtype.type(_GELU_C)
+    a = x.dtype.type(_GELU_A)
+    inner = x * x
+    inner *= a
+    inner += 1
+    inner *= x
+    inner *= c
+    t = xp.tanh(inner, out=inner)
+    y = t + 1
+    y *= x
+    y *= 0.5
+    return y, (x, t)
+
+
+def gelu_backward(dy, cache):
+    """d/dx 0.5x(1+t) = 0.5(1+t) + 0.5x(1-t^2) c (1 + 3a x^2)."""
+    x, t = cache
+    c = x.dtype.type(_GELU_C)
+    a3 = x.dtype.type(3 * _GELU_A)
+    dinner = x * x
+    dinner *= a3
+    dinner += 1
+    dinner *= c
+    sech2 = t * t
+    sech2 -= 1
+    sech2 *= -1
+    dinner *= sech2
+    dinner *= x
+    dinner += t
+    dinner += 1
+    dinner *= 0.5
+    dinner *= dy
+    return dinner
+
+
+# ---------------------------------------------------------------------------------------------
+# Causal multi-head attention core: softmax(q k^T / sqrt(hd) + mask) v
+# ---------------------------------------------------------------------------------------------
+
+_masks = {}
+
+
+def _causal_mask(xp, t, dtype):
+    key = (xp.__name__, t, dtype)
+    if key not in _masks:
+        m = xp.triu(xp.full((t, t), -xp.inf, dtype=dtype), k=1)
+        _masks[key] = m
+    return _masks[key]
+
+
+def _attention_probs(q, k):
+    xp = array_module(q)
+    scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]))
+    s = q @ k.swapaxes(-1, -2)
+    s *= scale
+    s += _causal_mask(xp, q.shape[-2], q.dtype)
+    s -= s.max(axis=-1, keepdims=True)
+    xp.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    return s
+
+
+def attention_forward(q, k, v, keep_probs=True):
+    """q, k, v [B, H, T, hd] -> out [B, H, T, hd].
+
+    keep_probs=False is selective recomputation (arXiv 2205.05198 §5): the [B, H, T, T] probabilities,
+    the largest activation of a layer, are rebuilt from q and k in backward instead of kept.
+    """
+    p = _attention_probs(q, k)
+    out = p @ v
+    return out, (q, k, v, p if keep_probs else None)
+
+
+def attention_backward(dout, cache):
+    """Returns dq, dk, dv for the upstream gradient dout [B, H, T, hd]."""
+    q, k, v, p = cache
+    if p is None:
+        p = _attention_probs(q, k)
+    scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]))
+    dv = p.swapaxes(-1, -2) @ dout
+    dp = dout @ v.swapaxes(-1, -2)
+    # softmax backward: ds = p * (dp - sum(dp * p))
+    rowdot = (dp * p).sum(axis=-1, keepdims=True)
+    dp -= rowdot
+    dp *= p
+    dp *= scale
+    dq = dp @ k
+    dk = dp.swapaxes(-1, -2) @ q
+    return dq, dk, dv
+
+
+def split_heads(qkv, n_heads):
+    """[B, T, 3*H*hd] (q, then k, then v columns) -> contiguous q, k, v of [B, H, T, hd]."""
+    xp = array_module(qkv)
+    b, t, three_d = qkv.shape
+    hd = three_d // (3 * n_heads)
+    parts = qkv.reshape(b, t, 3, n_heads, hd).transpose(2, 0, 3, 1, 4)
+    return tuple(xp.ascontiguousarray(parts[i]) for i in range(3))
+
+
+def merge_heads_qkv(dq, dk, dv):
+    """Inverse of split_heads for the gradients: three [B, H, T, hd] -> [B, T, 3*H*hd]."""
+    xp = array_module(dq)
+    b, h, t, hd = dq.shape
+    out = xp.empty((b, t, 3, h, hd), dtype=dq.dtype)
+    out[:, :, 0] = dq.transpose(0, 2, 1, 3)
+    out[:, :, 1] = dk.transpose(0, 2, 1, 3)
+    out[:, :, 2] = dv.transpose(0, 2, 1, 3)
+    return out.reshape(b, t, 3 * h * hd)
+
+
+def merge_heads(x):
+    """[B, H, T, hd] -> [B, T, H*hd]."""
+    b, h, t, hd = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b, t, h * hd)
+
+
+def split_heads_grad(d, n_heads):
+    """Inverse of merge_heads for the gradient: [B, T, H*hd] -> contiguous [B, H, T, hd]."""
+    xp = array_module(d)
+    b, t, dh = d.shape
+    return xp.ascontiguousarray(d.reshape(b, t, n_heads, dh // n_heads).transpose(0, 2, 1, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# Softmax cross-entropy, optionally over a vocabulary split across ranks
+# ---------------------------------------------------------------------------------------------
+
+
+def _identity(x):
+    return x
+
+
+def cross_entropy_forward(
+    logits,
+    targets,
+    scale,
+    vocab_start=0,
+    vocab_valid=None,
+    all_reduce_max=_identity,
+    all_reduce_sum=_identity,
+):
+    """scale * sum over rows of -log softmax(logits)[target]; logits [N, V_local] are overwritten.
+
+    With a vocabulary split over ranks (Megatron's vocab-parallel cross-entropy, arXiv 1909.08053 §3),
+    this rank holds columns [vocab_start, vocab_start + V_local); the row max, the target logit and
+    the sum of exponentials are combined over ranks by the two all-reduce callables. Columns at or
+    beyond vocab_valid (padding of a vocabulary not divisible by tp) are masked to -inf so they
+    never take probability. Returns (loss, cache); loss is a Python float.
+    """
+    xp = array_module(logits)
+    n, v_local = logits.shape
+    if vocab_valid is not None and vocab_valid < v_local:
+        logits[:, vocab_valid:] = -xp.inf
+    row_max = all_reduce_max(logits.max(axis=1))
+    logits -= row_max[:, None]
+    local_t = targets.reshape(-1) - vocab_start
+    own = (local_t >= 0) & (local_t < v_local)
+    safe_t = xp.where(own, local_t, 0)
+    rows = xp.arange(n)
+    target_logit = xp.where(own, logits[rows, safe_t], 0).astype(logits.dtype)
+    xp.exp(logits, out=logits)
+    sum_exp = logits.sum(axis=1)
+    both = all_reduce_sum(xp.stack([target_logit, sum_exp]))
+    target_logit, sum_exp = both[0], both[1]
+    per_row = xp.log(sum_exp) - target_logit
+    loss = float(per_row.sum(dtype=xp.float64)) * scale
+    return loss, (logits, sum_exp, rows, safe_t, own, scale)
+
+
+def cross_entropy_backward(cache):
+    """d loss / d logits = scale * (softmax - onehot(target)); reuses the exponentials in place."""
+    exp_logits, sum_exp, rows, safe_t, own, scale = cache
+    dlogits = exp_logits
+    dlogits /= sum_exp[:, None]
+    dlogits[rows[own], safe_t[own]] -= 1
+    dlogits *= dlogits.dtype.type(scale)
+    return dlogits

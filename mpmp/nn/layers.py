@@ -1,0 +1,191 @@
+"""Layers: they own parameters, never activations.
+
+`forward(x) -> (y, cache)` and `backward(dy, cache, wgrad=None) -> dx`; parameter gradients are
+accumulated into `param.grad`. Backward can be split (zero-bubble schedules, arXiv 2401.10241): when a
+list is passed as `wgrad`, the weight-gradient GEMMs are appended to it as deferred calls instead of
+being run, and `run_weight_grads(wgrad)` performs them later from the same cache.
+"""
+
+from mpmp.backend import xp
+from mpmp.nn import functional as F
+
+
+class Parameter:
+    """A (local shard of a) named model tensor and its gradient.
+
+    name:  the interchange name of the full tensor (DESIGN.md), e.g. "h.0.attn.c_attn.weight".
+    split: how the full tensor is split over tensor-parallel ranks (see parallel.shard), None = replicated.
+    decay: whether AdamW's weight decay applies (2-D tensors only).
+    """
+
+    __slots__ = ("data", "grad", "name", "split", "decay", "sequence_parallel", "tied_copy")
+
+    def __init__(self, data, name, split=None, decay=False):
+        self.data = data
+        self.grad = xp().zeros_like(data)
+        self.name = name
+        self.split = split
+        self.decay = decay
+        # Set by the model: the gradient is a partial sum over sequence shards (sequence parallelism).
+        self.sequence_parallel = False
+        # Set by the model: this is the last stage's copy of the tied embedding, synchronised with the
+        # first stage's copy and therefore not counted again in the global gradient norm.
+        self.tied_copy = False
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    def __repr__(self):
+        return f"Parameter({self.name}, {tuple(self.data.shape)}, split={self.split})"
+
+
+def defer(wgrad, fn, *args):
+    """Run a weight-gradient computation now, or queue it when backward is split (B now, W later)."""
+    if wgrad is None:
+        fn(*args)
+    else:
+        wgrad.append((fn, args))
+
+
+def run_weight_grads(wgrad):
+    for fn, args in wgrad:
+        fn(*args)
+    wgrad.clear()
+
+
+class Linear:
+    """y = x @ W + b with W [in, out] (GPT-2 Conv1D layout)."""
+
+    def __init__(self, weight: Parameter, bias: Parameter | None):
+        self.weight, self.bias = weight, bias
+
+    def parameters(self):
+        return [p for p in (self.weight, self.bias) if p is not None]
+
+    def forward(self, x):
+        return F.linear_forward(x, self.weight.data, None if self.bias is None else self.bias.data)
+
+    def backward(self, dy, x, wgrad=None):
+        dx = F.linear_backward_input(dy, self.weight.data)
+        defer(
+            wgrad,
+            F.linear_backward_weight,
+            dy,
+            x,
+            self.weight.grad,
+            None if self.bias is None else self.bias.grad,
+        )
+        return dx
+
+
+class LayerNorm:
+    def __init__(self, weight: Parameter, bias: Parameter, eps=1e-5):
+        self.weight, self.bias, self.eps = weight, bias, eps
+
+    def parameters(self):
+        return [self.weight, self.bias]
+
+    def forward(self, x):
+        return F.layernorm_forward(x, self.weight.data, self.bias.data, self.eps)
+
+    def backward(self, dy, cache, wgrad=None):
+        # LayerNorm's weight gradient is elementwise and cheap: it stays in the B half.
+        return F.layernorm_backward(dy, cache, self.weight.grad, self.bias.grad)
+
+
+class Attention:
+    """Causal self-attention over the heads this rank owns: c_attn -> split heads -> core -> c_proj.
+
+    c_attn and c_proj are Linear-like (in tensor parallelism a column- and a row-parallel linear), so
+    the same block serves one process and any tp. keep_probs=False recomputes the softmax in backward.
+    """
+
+    def __init__(self, c_attn, c_proj, n_heads_local, keep_probs=True):
+        self.c_attn, self.c_proj, self.n_heads = c_attn, c_proj, n_heads_local
+        self.keep_probs = keep_probs
+
+    def parameters(self):
+        return self.c_attn.parameters() + self.c_proj.parameters()
+
+    def forward(self, x):
+        qkv, c_attn_cache = self.c_attn.forward(x)
+        q, k, v = F.split_heads(qkv, self.n_heads)
+        del qkv
+        o, core_cache = F.attention_forward(q, k, v, keep_probs=self.keep_probs)
+        y, c_proj_cache = self.c_proj.forward(F.merge_heads(o))
+        return y, (c_attn_cache, core_cache, c_proj_cache)
+
+    def backward(self, dy, cache, wgrad=None):
+        c_attn_cache, core_cache, c_proj_cache = cache
+        do = self.c_proj.backward(dy, c_proj_cache, wgrad)
+        dq, dk, dv = F.attention_backward(F.split_heads_grad(do, self.n_heads), core_cache)
+        return self.c_attn.backward(F.merge_heads_qkv(dq, dk, dv), c_attn_cache, wgrad)
+
+
+class MLP:
+    """c_fc -> GELU(tanh) -> c_proj."""
+
+    def __init__(self, c_fc, c_proj):
+        self.c_fc, self.c_proj = c_fc, c_proj
+
+    def parameters(self):
+        return self.c_fc.parameters() + self.c_proj.parameters()
+
+    def forward(self, x):
+        h, c_fc_cache = self.c_fc.forward(x)
+        a, gelu_cache = F.gelu_forward(h)
+        del h
+        y, c_proj_cache = self.c_proj.forward(a)
+        return y, (c_fc_cache, gelu_cache, c_proj_cache)
+
+    def backward(self, dy, cache, wgrad=None):
+        c_fc_cache, gelu_cache, c_proj_cache = cache
+        da = self.c_proj.backward(dy, c_proj_cache, wgrad)
+        dh = F.gelu_backward(da, gelu_cache)
+        return self.c_fc.backward(dh, c_fc_cache, wgrad)
+
+
+class Block:
+    """GPT-2's pre-LayerNorm transformer block: x + attn(ln_1(x)), then + mlp(ln_2(.)).
+
+    recompute="full" keeps only the block's input and re-runs the forward (with its communication)
+    at the start of backward (activation recomputation, arXiv 1604.06174; Megatron's "full").
+    """
+
+    def __init__(self, name, ln_1, attn, ln_2, mlp, recompute="none"):
+        self.name = name
+        self.ln_1, self.attn, self.ln_2, self.mlp = ln_1, attn, ln_2, mlp
+        self.recompute = recompute
+
+    def parameters(self):
+        return self.ln_1.parameters() + self.attn.parameters() + self.ln_2.parameters() + self.mlp.parameters()
+
+    def _forward(self, x):
+        h, c1 = self.ln_1.forward(x)
+        a, c2 = self.attn.forward(h)
+        del h
+        a += x
+        h, c3 = self.ln_2.forward(a)
+        m, c4 = self.mlp.forward(h)
+        del h
+        m += a
+        return m, (c1, c2, c3, c4)
+
+    def forward(self, x, mb=None):
+        y, cache = self._forward(x)
+        if self.recompute == "full":
+            return y, x
+        return y, cache
+
+    def backward(self, dy, cache, wgrad=None):
+        if self.recompute == "full":
+            _, cache = self._forward(cache)
+        c1, c2, c3, c4 = cache
+        dh = self.mlp.backward(dy, c4, wgrad)
+        dx1 = self.ln_2.backward(dh, c3, wgrad)
+        dx1 += dy
+        dh = self.attn.backward(dx1, c2, wgrad)
+        dx = self.ln_1.backward(dh, c1, wgrad)
+        dx += dx1
+        return dx

@@ -1,0 +1,34 @@
+"""Global gradient norm and clipping, counting each distinct parameter once whatever the layout.
+
+Each rank sums the squares of the gradients it *owns for the norm* (norm_mask = 1): split tensors on
+every tp rank, replicated tensors (LayerNorm, row-parallel biases, wpe) on tp rank 0 only, the tied
+embedding on the first stage only, and under ZeRO only this rank's shard. One all-reduce over the
+groups that partition the model (tp x pp, plus dp under ZeRO) gives the squared norm.
+"""
+
+import math
+
+from mpmp.backend import array_module
+
+
+def local_sq_norm(grad, norm_mask) -> float:
+    xp = array_module(grad)
+    g = grad.astype(xp.float64)
+    return float(xp.dot(g * norm_mask, g))
+
+
+def all_reduce_norm(local_sq: float, groups) -> float:
+    """sqrt of the squared norms summed over the groups that partition the model."""
+    from mpmp.backend import xp
+
+    total = xp().asarray([local_sq], dtype="float64")
+    for g in groups:
+        g.all_reduce(total)
+    return math.sqrt(float(total[0]))
+
+
+def clip_coefficient(norm: float, max_norm: float) -> float:
+    """torch.nn.utils.clip_grad_norm_: max_norm / (norm + 1e-6), never above 1; 0 disables."""
+    if max_norm <= 0:
+        return 1.0
+    return min(1.0, max_norm / (norm + 1e-6))

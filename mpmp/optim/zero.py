@@ -1,0 +1,58 @@
+"""The optimizer over a rank's flat buffers: replicated AdamW, or ZeRO-1 (arXiv 1910.02054 §5.1).
+
+ZeRO-1 (stage 1, optimizer-state partitioning): rank r of the dp group keeps AdamW's state (and, in
+mixed precision, the fp32 master weights) only for its slice of each bucket (FlatParams pads buckets
+to multiples of dp). Gradients arrive reduce-scattered (optim/grads.py); after the update each bucket
+is all-gathered so every replica holds the new weights. Reduce-scatter plus all-gather move the same
+bytes as data parallelism's all-reduce (2Ψ(dp-1)/dp per rank) while optimizer memory falls by dp.
+"""
+
+import numpy
+
+from mpmp.optim import clip
+from mpmp.optim.adamw import AdamW
+
+
+class Optimizer:
+    def __init__(self, flat, dp_group, norm_groups, zero=False, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0):
+        """norm_groups: the groups that partition the model (mp = tp x pp); dp is added under ZeRO."""
+        self.flat, self.dp = flat, dp_group
+        self.zero = zero and dp_group.size > 1
+        if self.zero:
+            self.ranges = [b.shard(dp_group.rank, dp_group.size) for b in flat.buckets]
+            self.norm_groups = [dp_group] + list(norm_groups)
+        else:
+            self.ranges = [(0, len(flat))]
+            self.norm_groups = list(norm_groups)
+        # fp32 parameters are their own master weights (views, updated in place); low-precision
+        # parameters get fp32 copies.
+        self.mixed = flat.data.dtype != numpy.float32
+        self.masters = [
+            flat.data[lo:hi].astype(numpy.float32) if self.mixed else flat.data[lo:hi] for lo, hi in self.ranges
+        ]
+        self.adams = [
+            AdamW(m, flat.decay_mask[lo:hi], betas, eps, weight_decay) for m, (lo, hi) in zip(self.masters, self.ranges)
+        ]
+
+    def grad_norm(self) -> float:
+        """Global L2 norm of the gradient of the distinct parameters, before clipping."""
+        sq = sum(clip.local_sq_norm(self.flat.grad[lo:hi], self.flat.norm_mask[lo:hi]) for lo, hi in self.ranges)
+        return clip.all_reduce_norm(sq, self.norm_groups)
+
+    def step(self, lr: float, grad_scale: float = 1.0):
+        """AdamW on this rank's (slices of the) parameters with grads * grad_scale (clipping)."""
+        for adam, master, (lo, hi) in zip(self.adams, self.masters, self.ranges):
+            g = self.flat.grad[lo:hi].astype(numpy.float32, copy=False)
+            if grad_scale != 1.0:
+                g = g * numpy.float32(grad_scale)
+            adam.step(g, lr)
+            if self.mixed:
+                self.flat.data[lo:hi] = master
+        if self.zero:
+            for b, (lo, hi) in zip(self.flat.buckets, self.ranges):
+                self.flat.data[b.lo : b.hi] = self.dp.all_gather(self.flat.data[lo:hi])
+
+    def state_bytes(self) -> int:
+        """AdamW state, plus master weights where they are copies, held by this rank."""
+        extra = sum(m.nbytes for m in self.masters) if self.mixed else 0
+        return sum(a.state_bytes() for a in self.adams) + extra

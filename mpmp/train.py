@@ -1,0 +1,391 @@
+"""python -m mpmp.train: train GPT-2 on any (dp, pp, tp) layout.
+
+python -m mpmp.train                       one process, built-in corpus, about a minute
+mpirun -n 8 python -m mpmp.train           tp=2, pp=2, dp=2 with 1F1B
+mpirun -n 4 python -m mpmp.train --tp 4    tensor parallelism over 4 ranks
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy
+
+from mpmp import backend
+from mpmp.comm import ledger
+from mpmp.config import ModelConfig, ParallelConfig, TrainConfig
+from mpmp.errors import ConfigError, MpmpError
+
+_LAUNCHER_VARS = (
+    "PMI_RANK",
+    "PMI_SIZE",
+    "PMIX_RANK",
+    "OMPI_COMM_WORLD_SIZE",
+    "MPI_LOCALNRANKS",
+    "HYDRA_CONTROL_FD",
+)
+
+
+def _positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+        return value
+
+    return parse
+
+
+def _non_negative(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must not be negative, not {text}")
+        return value
+
+    return parse
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="python -m mpmp.train",
+        description="Train GPT-2 with hand-written layers over MPI: tensor, pipeline and data parallelism.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    pi, ni, pf, nf = _positive(int), _non_negative(int), _positive(float), _non_negative(float)
+    g = p.add_argument_group("layout (dp = world size / (tp*pp))")
+    g.add_argument("--tp", type=pi, default=None, help="tensor-parallel ranks (default: 2 on 4+ even ranks)")
+    g.add_argument("--pp", type=pi, default=None, help="pipeline stages (default: 2 on 8+ ranks divisible by 4)")
+    g.add_argument("--schedule", default="1f1b", help="pipeline schedule: gpipe, 1f1b, interleaved, zb-h1")
+    g.add_argument("--virtual-stages", type=pi, default=None, help="model chunks per rank (interleaved; default 2)")
+    g.add_argument("--micro-batches", type=pi, default=None, help="micro-batches per replica per step (default 2*pp)")
+    g.add_argument("--sequence-parallel", action="store_true", help="shard LayerNorm regions along the sequence")
+    g.add_argument("--partition", default="uniform", help="layers to stages: uniform, parameters, time")
+    g.add_argument("--zero", type=ni, default=0, help="1 = ZeRO-1: shard optimizer state over dp")
+    g.add_argument("--bucket-mb", type=pf, default=25.0, help="data-parallel gradient bucket size in MiB")
+    g.add_argument("--recompute", default="none", help="activation recomputation: none, selective, full")
+    g.add_argument("--backend", default="numpy", help="array backend: numpy or cupy")
+    m = p.add_argument_group("model (GPT-2)")
+    m.add_argument(
+        "--vocab", type=pi, default=None, help="vocabulary size (default: 256 for bytes, else max token + 1)"
+    )
+    m.add_argument("--d-model", type=pi, default=128, help="hidden size D")
+    m.add_argument("--layers", type=pi, default=4, help="transformer blocks L")
+    m.add_argument("--heads", type=pi, default=4, help="attention heads H")
+    m.add_argument("--init-from", default=None, help="start from an interchange .npz (V, S, D, L read from it)")
+    t = p.add_argument_group("training")
+    t.add_argument("--global-batch", type=pi, default=16, help="sequences per step B")
+    t.add_argument("--seq-len", type=pi, default=128, help="tokens per sequence S")
+    t.add_argument("--steps", type=pi, default=150, help="total steps (a resumed run continues up to this)")
+    t.add_argument("--lr", type=pf, default=3e-3, help="peak learning rate")
+    t.add_argument("--lr-schedule", default="constant", help="constant, warmup, cosine")
+    t.add_argument("--warmup-steps", type=ni, default=0, help="linear warmup steps")
+    t.add_argument("--min-lr", type=nf, default=0.0, help="final learning rate of the cosine schedule")
+    t.add_argument("--weight-decay", type=nf, default=0.1, help="AdamW decoupled weight decay (2-D tensors)")
+    t.add_argument("--beta1", type=nf, default=0.9)
+    t.add_argument("--beta2", type=nf, default=0.95)
+    t.add_argument("--clip", type=nf, default=1.0, help="clip the global gradient norm (0 = off)")
+    t.add_argument("--seed", type=int, default=1234, help="initialisation and shuffling seed")
+    t.add_argument("--dtype", default="fp32", help="fp32")
+    d = p.add_argument_group("data and files")
+    d.add_argument(
+        "--data",
+        default=None,
+        help=".bin (uint16), .npy (1-D ints) or any file as bytes; default: built-in corpus",
+    )
+    d.add_argument("--data-order", default="sequential", help="sequential or shuffled")
+    d.add_argument("--save", default=None, help="checkpoint directory")
+    d.add_argument("--save-every", type=ni, default=0, help="save every K steps (0: only at the end, with --save)")
+    d.add_argument("--resume", default=None, help="resume from a checkpoint directory, or 'auto' (newest in --save)")
+    d.add_argument("--metrics", default=None, help="write one JSON line per step (rank 0)")
+    d.add_argument("--trace", default=None, help="write a Chrome trace of every operation (open in Perfetto)")
+    d.add_argument("--log-every", type=ni, default=None, help="progress line every K steps (default: steps/15)")
+    d.add_argument("--quiet", action="store_true", help="only errors and the summary")
+    return p
+
+
+def mpi_launched() -> bool:
+    return any(v in os.environ for v in _LAUNCHER_VARS)
+
+
+def default_layout(world: int, tp, pp):
+    """tp=2, pp=2 for 8 ranks (and multiples of 4 from 8), tp=2 on 4 or 6 ranks, else pure dp."""
+    if tp is None and pp is None:
+        if world >= 8 and world % 4 == 0:
+            return 2, 2
+        if world >= 4 and world % 2 == 0:
+            return 2, 1
+        return 1, 1
+    return tp or 1, pp or 1
+
+
+class Run:
+    """Everything main() needs besides the Trainer: the grid, the printing rank, the files."""
+
+    def __init__(self, args):
+        self.args = args
+        if mpi_launched():
+            from mpmp.comm.mpi import MPI
+
+            self.world_size = MPI().COMM_WORLD.Get_size()
+            self.rank = MPI().COMM_WORLD.Get_rank()
+        else:
+            self.world_size, self.rank = 1, 0
+        self.is_main = self.rank == 0
+
+    def say(self, *msg):
+        if self.is_main and not self.args.quiet:
+            print(*msg, flush=True)
+
+
+def make_config(args, world: int, data_vocab: int, init_cfg: ModelConfig | None):
+    tp, pp = default_layout(world, args.tp, args.pp)
+    if world % (tp * pp):
+        raise ConfigError(
+            f"world size ({world}) is not divisible by tp*pp ({tp}*{pp} = {tp * pp}); "
+            f"pass --tp/--pp whose product divides {world}"
+        )
+    dp = world // (tp * pp)
+    v = args.virtual_stages or (2 if args.schedule == "interleaved" else 1)
+    micro = args.micro_batches or (2 * pp if pp > 1 else 1)
+    if init_cfg is not None:
+        for flag, mine, theirs in (
+            ("--d-model", args.d_model, init_cfg.d_model),
+            ("--layers", args.layers, init_cfg.layers),
+        ):
+            if _given(flag) and mine != theirs:
+                raise ConfigError(f"{flag} {mine} disagrees with --init-from ({theirs}); leave it out")
+        if args.vocab is not None and args.vocab != init_cfg.vocab:
+            raise ConfigError(f"--vocab {args.vocab} disagrees with --init-from ({init_cfg.vocab}); leave it out")
+        model = init_cfg
+    else:
+        model = ModelConfig(
+            vocab=args.vocab or data_vocab,
+            seq_len=args.seq_len,
+            d_model=args.d_model,
+            layers=args.layers,
+            heads=args.heads,
+        )
+    par = ParallelConfig(
+        tp=tp, pp=pp, dp=dp, schedule=args.schedule, virtual_stages=v, micro_batches=micro,
+        sequence_parallel=args.sequence_parallel, partition=args.partition, zero=args.zero,
+        bucket_mb=args.bucket_mb, recompute=args.recompute,
+    )  # fmt: skip
+    return TrainConfig(
+        model=model, parallel=par, global_batch=args.global_batch, seq_len=args.seq_len, steps=args.steps,
+        lr=args.lr, min_lr=args.min_lr, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay, beta1=args.beta1, beta2=args.beta2, clip=args.clip, seed=args.seed,
+        dtype=args.dtype,
+    )  # fmt: skip
+
+
+def _given(flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in sys.argv[1:])
+
+
+def train(args, run: Run) -> int:
+    from mpmp import checkpoint
+    from mpmp.data import TokenData, load_tokens
+    from mpmp.model.gpt import random_source
+    from mpmp.optim.lr import learning_rate
+    from mpmp.runtime import Trainer, validate
+
+    # ---- everything that needs no communication: checked identically on every rank -------------
+    backend.use(args.backend, backend.local_rank())
+    init_cfg, init_arrays = None, None
+    if args.init_from:
+        init_cfg, init_arrays = checkpoint.load_interchange(args.init_from, args.heads)
+    tokens, data_vocab = load_tokens(args.data)
+    cfg = make_config(args, run.world_size, data_vocab, init_cfg)
+    validate(cfg, run.world_size)
+    learning_rate(0, cfg.lr, cfg.lr_schedule)  # validates the schedule name
+    data = TokenData(tokens, cfg.seq_len, cfg.model.vocab, args.data_order, cfg.seed, args.data or "built-in corpus")
+    source = init_arrays.__getitem__ if init_arrays is not None else random_source(cfg.model, cfg.seed)
+    if args.metrics and run.is_main:
+        _check_writable(args.metrics, "--metrics")
+    if args.trace and run.is_main:
+        _check_writable(args.trace, "--trace")
+
+    # ---- the grid (first collectives) ------------------------------------------------------------
+    par = cfg.parallel
+    if run.world_size > 1:
+        from mpmp.comm.grid import ProcessGrid
+
+        grid = ProcessGrid(par.tp, par.pp, par.dp)
+    else:
+        from mpmp.comm.grid import LocalGrid
+
+        grid = LocalGrid()
+    ledger.install(ledger.Ledger(grid.rank, keep_events=bool(args.trace)))
+
+    costs = None
+    if par.partition == "time":
+        from mpmp.pipeline.partition import profile_units
+
+        mb = cfg.global_batch // (par.dp * par.micro_batches)
+        costs = numpy.array(profile_units(cfg.model, mb, cfg.seq_len) if grid.rank == 0 else (0.0, 0.0, 0.0))
+        grid.world.broadcast(costs, 0)
+        costs = tuple(float(c) for c in costs)
+
+    trainer = Trainer(cfg, grid, data, source, unit_costs=costs)
+    _banner(run, cfg, grid, trainer, args)
+
+    metrics_file = open(args.metrics, "a" if args.resume else "w") if args.metrics and run.is_main else None
+    history = []
+    log_every = args.log_every or max(1, cfg.steps // 15)
+    start = time.perf_counter()
+    while trainer.step < cfg.steps:
+        m = trainer.train_step()
+        history.append(m)
+        if metrics_file:
+            metrics_file.write(
+                json.dumps({k: m[k] for k in ("step", "loss", "grad_norm", "lr", "step_s", "tokens_per_s", "comm_s")})
+                + "\n"
+            )
+            metrics_file.flush()
+        if m["step"] % log_every == 0 or m["step"] in (1, cfg.steps):
+            run.say(_progress(m, cfg.steps))
+        if args.save and args.save_every and trainer.step % args.save_every == 0:
+            checkpoint.save(trainer, args.save)
+    if args.save and (not args.save_every or trainer.step % args.save_every):
+        checkpoint.save(trainer, args.save)
+    wall = time.perf_counter() - start
+    if metrics_file:
+        metrics_file.close()
+    _summary(run, grid, trainer, history, wall)
+    if args.trace:
+        _write_trace(grid, args.trace, run)
+    return 0
+
+
+def _check_writable(path, flag):
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{flag} {path}: folder {folder} does not exist")
+
+
+def _banner(run, cfg, grid, trainer, args):
+    from mpmp.comm import mpi
+    from mpmp.pipeline.partition import describe
+
+    if not run.is_main or args.quiet:
+        return
+    mc, par = cfg.model, cfg.parallel
+    print(grid.describe())
+    print(
+        f"model: GPT-2 V={mc.vocab} S={mc.seq_len} D={mc.d_model} L={mc.layers} H={mc.heads}, "
+        f"{mc.num_params():,} parameters; data: {args.data or 'built-in corpus'} "
+        f"({trainer.data.num_sequences} sequences of {cfg.seq_len})"
+    )
+    print(
+        f"schedule: {par.schedule}, {par.micro_batches} micro-batches of {trainer.micro_batch}"
+        + (f", {par.virtual_stages} virtual stages" if par.virtual_stages > 1 else "")
+        + f"; partition ({par.partition}):"
+    )
+    print(describe(trainer.split, par.pp, par.virtual_stages, mc))
+    extras = [
+        f"sequence parallel {'on' if par.sequence_parallel else 'off'}",
+        f"ZeRO-{par.zero}",
+        f"recompute {par.recompute}",
+    ]
+    where = "CUDA-aware MPI" if backend.name() == "cupy" and mpi.cuda_aware() else "host buffers"
+    print(f"backend: {backend.name()} ({where}), BLAS threads per rank: {backend.blas_threads()}; " + ", ".join(extras))
+    mem = trainer.memory()
+    print(
+        "memory per rank (rank 0): "
+        + ", ".join(f"{k.replace('_bytes', '')} {v / 2**20:.2f} MiB" for k, v in mem.items())
+    )
+
+
+def _progress(m, total):
+    width = 24
+    done = int(width * m["step"] / total)
+    bar = "#" * done + "." * (width - done)
+    return (
+        f"[{bar}] step {m['step']:>5}/{total}  loss {m['loss']:.4f}  grad norm {m['grad_norm']:.3f}  "
+        f"lr {m['lr']:.2e}  {m['step_s'] * 1e3:.0f} ms  {m['tokens_per_s']:,.0f} tok/s"
+    )
+
+
+def _summary(run, grid, trainer, history, wall):
+    rows = ledger.get().summary_rows()
+    # Every rank's totals, so rank 0 can print bytes by kind and group for the whole job.
+    payload = numpy.frombuffer(json.dumps(rows).encode(), dtype=numpy.uint8)
+    sizes = grid.world.all_gather(numpy.array([payload.size], dtype=numpy.int64)).tolist()
+    everything = grid.world.all_gather(payload, sizes=sizes)
+    mem = trainer.memory()
+    mems = grid.world.all_gather(
+        numpy.array([[mem["param_bytes"], mem["grad_bytes"], mem["optimizer_bytes"]]], dtype=numpy.int64)
+    )
+    if not run.is_main or not history:
+        return
+    totals, offset = {}, 0
+    for n in sizes:
+        for kind, group, count, nbytes, secs in json.loads(bytes(everything[offset : offset + n])):
+            t = totals.setdefault((kind, group), [0, 0, 0.0])
+            t[0] += count
+            t[1] += nbytes
+            t[2] += secs
+        offset += n
+    steady = history[1:] or history
+    tok_s = sum(h["tokens_per_s"] for h in steady) / len(steady)
+    first, last = history[0]["loss"], history[-1]["loss"]
+    print(f"summary: loss {first:.4f} -> {last:.4f} over {len(history)} steps in {wall:.1f} s; {tok_s:,.0f} tokens/s")
+    print("memory per rank (MiB): " + ", ".join(
+        f"r{r} params {p / 2**20:.2f} grads {g / 2**20:.2f} optim {o / 2**20:.2f}" for r, (p, g, o) in enumerate(mems.tolist())
+    ))  # fmt: skip
+    if totals:
+        rows = sorted(((k, g, c, b, s) for (k, g), (c, b, s) in totals.items()), key=lambda r: (r[1], r[0]))
+        print(ledger.format_summary(rows, "communication, all ranks"))
+
+
+def _write_trace(grid, path, run):
+    events = ledger.get().chrome_events()
+    payload = numpy.frombuffer(json.dumps(events).encode(), dtype=numpy.uint8)
+    sizes = grid.world.all_gather(numpy.array([payload.size], dtype=numpy.int64)).tolist()
+    everything = grid.world.all_gather(payload, sizes=sizes)
+    if run.is_main:
+        per_rank, offset = [], 0
+        for n in sizes:
+            per_rank.append(json.loads(bytes(everything[offset : offset + n])))
+            offset += n
+        with open(path, "w") as f:
+            f.write(ledger.chrome_trace(per_rank))
+        print(f"trace: {path} ({sum(len(e) for e in per_rank)} events; open in https://ui.perfetto.dev)")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    run = Run(args)
+    if run.world_size > 1:
+        from mpmp.comm.mpi import abort_on_exception
+
+        abort_on_exception()
+    try:
+        return train(args, run)
+    except MpmpError as exc:
+        report_and_exit(exc, run)
+    return 2
+
+
+def report_and_exit(exc, run):
+    """One line per rank, then end the job with exit code 2 (aborting peers that may be waiting)."""
+    print(f"rank {run.rank}: error: {exc}", file=sys.stderr, flush=True)
+    if run.world_size > 1:
+        from mpmp.comm.mpi import MPI
+
+        time.sleep(0.5)  # let the other ranks print their line too
+        MPI().COMM_WORLD.Abort(exc.exit_code)
+    sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
