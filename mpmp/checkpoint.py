@@ -280,6 +280,77 @@ def save(trainer, root: str, extra: dict | None = None) -> str:
     return final
 
 
+def optimizer_state(step_dir: str, manifest=None) -> dict:
+    """{"m": {name: full}, "v": {name: full}, "master": {name: full} (mixed precision only), "step": n}
+    assembled from every rank's optimizer file, whatever the layout and ZeRO sharding was."""
+    manifest = manifest or read_manifest(step_dir)
+    cfg = model_config_of(manifest)
+    lay = manifest["layout"]
+    tp, pp, dp = lay["tp"], lay["pp"], lay["dp"]
+    infos = {p.name: p for p in param_infos(cfg)}
+    files = manifest["files"]
+    # One flat vector per (tp, pp) position, filled from its dp ranks' slices.
+    flat, layouts, step = {}, {}, 0
+    for r in range(tp * pp * dp):
+        key = f"optim_rank{r}.npz"
+        if key not in files:
+            raise CheckpointError(f"{step_dir}: manifest lists no {key}")
+        z = load_npz(os.path.join(step_dir, key), files[key])
+        t, p = r % tp, r // (tp * dp)
+        try:
+            layout = json.loads(bytes(z["layout"]).decode())
+            ranges = z["ranges"].reshape(-1, 2)
+            step = int(z["adam_step"])
+            kinds = [k for k in ("m", "v", "master") if f"{k}0" in z]
+            n = max(off + int(numpy.prod(shape)) for _, off, shape in layout)
+            n = max(n, int(ranges[:, 1].max()))
+            vecs = flat.setdefault((t, p), {k: numpy.zeros(n, numpy.float32) for k in kinds})
+            for i, (lo, hi) in enumerate(ranges.tolist()):
+                for k in kinds:
+                    vecs[k][lo:hi] = z[f"{k}{i}"]
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{step_dir}/{key}: malformed optimizer file ({exc})") from None
+        layouts[(t, p)] = layout
+    out = {k: {} for k in ("m", "v", "master") if k in next(iter(flat.values()))}
+    for p in range(pp):
+        names = [name for name, _, _ in layouts[(0, p)]]
+        for name in names:
+            if name in out["m"]:
+                continue  # the tied wte: the first stage's copy wins
+            for k in out:
+                parts = []
+                for t in range(tp):
+                    lay_t = {nm: (off, shape) for nm, off, shape in layouts[(t, p)]}
+                    off, shape = lay_t[name]
+                    parts.append(flat[(t, p)][k][off : off + int(numpy.prod(shape))].reshape(shape))
+                out[k][name] = unshard(parts, infos[name].split, infos[name].shape)
+    out["step"] = step
+    return out
+
+
+def restore_optimizer(trainer, state: dict):
+    """Load full optimizer tensors (any old layout) into this rank's optimizer (its layout)."""
+    from mpmp.backend import xp
+    from mpmp.nn.parallel import shard
+
+    flat, opt, grid = trainer.flat, trainer.optimizer, trainer.grid
+    kinds = [k for k in ("m", "v", "master") if k in state and (k != "master" or opt.mixed)]
+    vecs = {k: numpy.zeros(len(flat), numpy.float32) for k in kinds}
+    for p in flat.params:
+        off, size = flat.span(p)
+        for k in kinds:
+            if p.name not in state[k]:
+                raise CheckpointError(f"checkpoint has no optimizer state for {p.name}")
+            vecs[k][off : off + size] = shard(state[k][p.name], p.split, grid.coord.tp, grid.tp).reshape(-1)
+    for i, (lo, hi) in enumerate(opt.ranges):
+        adam = opt.adams[i]
+        adam.m[...] = xp().asarray(vecs["m"][lo:hi])
+        adam.v[...] = xp().asarray(vecs["v"][lo:hi])
+        adam.step_count = state["step"]
+        if "master" in vecs:
+            opt.masters[i][...] = xp().asarray(vecs["master"][lo:hi])
+
+
 def export(ckpt: str, out_path: str) -> str:
     step_dir = resolve(ckpt)
     save_interchange(out_path, full_tensors(step_dir))
@@ -300,6 +371,9 @@ def main(argv=None):
     except MpmpError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        print(f"error: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     print(f"exported {step_dir} -> {args.out}")
     return 0
 

@@ -200,8 +200,30 @@ def train(args, run: Run) -> int:
 
     # ---- everything that needs no communication: checked identically on every rank -------------
     backend.use(args.backend, backend.local_rank())
-    init_cfg, init_arrays = None, None
-    if args.init_from:
+    init_cfg, init_arrays, resume_dir, opt_state = None, None, None, None
+    if args.init_from and args.resume:
+        raise ConfigError("--init-from and --resume exclude each other (a checkpoint already holds the weights)")
+    if args.resume:
+        resume_dir = _resume_dir(args)
+    if resume_dir:
+        manifest = checkpoint.read_manifest(resume_dir)
+        init_cfg = checkpoint.model_config_of(manifest)
+        if _given("--heads") and args.heads != init_cfg.heads:
+            raise ConfigError(f"--heads {args.heads} disagrees with the checkpoint ({init_cfg.heads}); leave it out")
+        saved = manifest["config"]
+        for flag, mine, theirs in (
+            ("--seed", args.seed, saved["seed"]),
+            ("--data-order", args.data_order, manifest["data"]["order"]),
+            ("--global-batch", args.global_batch, saved["global_batch"]),
+            ("--seq-len", args.seq_len, saved["seq_len"]),
+        ):
+            if mine != theirs:
+                raise ConfigError(
+                    f"{flag} {mine} differs from the checkpoint's {theirs} in {resume_dir}; resume with {flag} {theirs}"
+                )
+        init_arrays = checkpoint.full_tensors(resume_dir, manifest)
+        opt_state = checkpoint.optimizer_state(resume_dir, manifest)
+    elif args.init_from:
         init_cfg, init_arrays = checkpoint.load_interchange(args.init_from, args.heads)
     tokens, data_vocab = load_tokens(args.data)
     cfg = make_config(args, run.world_size, data_vocab, init_cfg)
@@ -236,6 +258,10 @@ def train(args, run: Run) -> int:
         costs = tuple(float(c) for c in costs)
 
     trainer = Trainer(cfg, grid, data, source, unit_costs=costs)
+    if resume_dir:
+        checkpoint.restore_optimizer(trainer, opt_state)
+        trainer.step = manifest["step"]
+        run.say(f"resumed from {resume_dir} at step {trainer.step}")
     _banner(run, cfg, grid, trainer, args)
 
     metrics_file = open(args.metrics, "a" if args.resume else "w") if args.metrics and run.is_main else None
@@ -264,6 +290,21 @@ def train(args, run: Run) -> int:
     if args.trace:
         _write_trace(grid, args.trace, run)
     return 0
+
+
+def _resume_dir(args):
+    """The step directory to resume from; None for --resume auto with nothing saved yet."""
+    from mpmp import checkpoint
+    from mpmp.errors import CheckpointError
+
+    if args.resume != "auto":
+        return checkpoint.resolve(args.resume)
+    if not args.save:
+        raise ConfigError("--resume auto needs --save DIR (it resumes from the newest checkpoint there)")
+    try:
+        return checkpoint.resolve(args.save)
+    except CheckpointError:
+        return None  # first start of a job that may be requeued later: nothing to resume yet
 
 
 def _check_writable(path, flag):

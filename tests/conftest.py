@@ -1,3 +1,4 @@
+# ruff: noqa: I001  (mpmp must be imported before NumPy)
 """Shared test fixtures.
 
 MPI tests carry @pytest.mark.mpi(min_size=N) (pytest-mpi) and run under

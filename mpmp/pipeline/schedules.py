@@ -81,7 +81,9 @@ def validate(schedule: str, pp: int, m: int, v: int = 1):
     if pp < 1 or m < 1 or v < 1:
         raise ConfigError(f"pp ({pp}), micro-batches ({m}) and virtual stages ({v}) must be at least 1")
     if schedule == "interleaved":
-        if v < 2 and pp > 1:
+        if pp < 2:
+            raise ConfigError("--schedule interleaved needs --pp of at least 2")
+        if v < 2:
             raise ConfigError("--schedule interleaved needs --virtual-stages of at least 2")
         if m < pp:
             raise ConfigError(f"--schedule interleaved needs micro-batches ({m}) >= pp ({pp})")
@@ -208,6 +210,7 @@ def build(schedule: str, pp: int, m: int, stage: int, v: int = 1) -> list[Instr]
 
 
 def build_all(schedule: str, pp: int, m: int, v: int = 1) -> list[list[Instr]]:
+    validate(schedule, pp, m, v)
     return [build(schedule, pp, m, s, v) for s in range(pp)]
 
 
@@ -344,7 +347,8 @@ def bubble_fraction(timeline) -> float:
 
 def theoretical_bubble(schedule: str, pp: int, m: int, v: int = 1) -> float:
     """Bubble fractions from the papers with F = B = W: GPipe and 1F1B (p-1)/(m+p-1); interleaved
-    (p-1)/(v m + p-1), about 1/v of that; ZB-H1 (p-1)/(3m + p-1), about a third."""
+    (p-1)/(v m + p-1), about 1/v of that; ZB-H1 (p-1)/(3m + p-1), about a third (for m >= p; with
+    fewer micro-batches the dependency chain alone makes the bubble larger)."""
     if schedule in ("gpipe", "1f1b"):
         return (pp - 1) / (m + pp - 1)
     if schedule == "interleaved":
