@@ -112,14 +112,17 @@ class Trainer:
         self.optimizer.step(lr, coef)
         self.last.update(grad_norm=norm, lr=lr, clip_coef=coef)
 
-    def train_step(self) -> dict:
-        """Run step self.step; returns its metrics (the same on every rank)."""
+    def train_step(self, stop_requested: bool = False) -> dict:
+        """Run step self.step; returns its metrics (the same on every rank). stop_requested: this rank
+        was asked to stop (a preemption signal); metrics["stop"] says whether any rank was."""
         t0 = time.perf_counter()
         comm0 = ledger.get().comm_seconds()
         mbs = self._microbatches(self.step)
         self.flat.zero_grad()
         loss = self.engine.run(self.program, mbs, self.reducer.finish, self._optimizer_step)
-        total = numpy.array([loss if self.grid.is_last_stage and self.grid.coord.tp == 0 else 0.0])
+        # One small all-reduce carries the loss to every rank and whether any rank must stop.
+        owner = self.grid.is_last_stage and self.grid.coord.tp == 0
+        total = numpy.array([loss if owner else 0.0, float(stop_requested)])
         self.grid.world.all_reduce(total)
         backend.synchronize()
         dt = time.perf_counter() - t0
@@ -134,6 +137,7 @@ class Trainer:
             "tokens_per_s": tokens / dt,
             "comm_s": ledger.get().comm_seconds() - comm0,
             "peak_caches": self.engine.peak_caches,
+            "stop": bool(total[1] > 0),
         }
         return metrics
 

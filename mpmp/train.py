@@ -109,6 +109,14 @@ def build_parser():
     d.add_argument("--trace", default=None, help="write a Chrome trace of every operation (open in Perfetto)")
     d.add_argument("--log-every", type=ni, default=None, help="progress line every K steps (default: steps/15)")
     d.add_argument("--quiet", action="store_true", help="only errors and the summary")
+    d.add_argument(
+        "--comm-timeout", type=nf, default=600.0,
+        help="seconds an operation may wait before every rank reports and the job aborts (0 = off)",
+    )  # fmt: skip
+    d.add_argument(
+        "--preempt-signal", default="USR1",
+        help="signal that asks for a checkpoint and exit code 75 (SLURM: #SBATCH --signal=USR1@120)",
+    )  # fmt: skip
     return p
 
 
@@ -264,12 +272,21 @@ def train(args, run: Run) -> int:
         run.say(f"resumed from {resume_dir} at step {trainer.step}")
     _banner(run, cfg, grid, trainer, args)
 
+    preempt = _install_preempt_handler(args.preempt_signal)
+    watchdog = None
+    if run.world_size > 1 and args.comm_timeout > 0:
+        from mpmp.comm.mpi import MPI
+        from mpmp.comm.watchdog import Watchdog
+
+        watchdog = Watchdog(MPI().COMM_WORLD, args.comm_timeout).start()
+
     metrics_file = open(args.metrics, "a" if args.resume else "w") if args.metrics and run.is_main else None
     history = []
     log_every = args.log_every or max(1, cfg.steps // 15)
     start = time.perf_counter()
+    stopped = False
     while trainer.step < cfg.steps:
-        m = trainer.train_step()
+        m = trainer.train_step(stop_requested=preempt.is_set())
         history.append(m)
         if metrics_file:
             metrics_file.write(
@@ -279,17 +296,42 @@ def train(args, run: Run) -> int:
             metrics_file.flush()
         if m["step"] % log_every == 0 or m["step"] in (1, cfg.steps):
             run.say(_progress(m, cfg.steps))
+        if m["stop"]:
+            stopped = True
+            break
         if args.save and args.save_every and trainer.step % args.save_every == 0:
             checkpoint.save(trainer, args.save)
-    if args.save and (not args.save_every or trainer.step % args.save_every):
+    if args.save and (stopped or not args.save_every or trainer.step % args.save_every):
         checkpoint.save(trainer, args.save)
+    if watchdog:
+        watchdog.stop()
     wall = time.perf_counter() - start
     if metrics_file:
         metrics_file.close()
     _summary(run, grid, trainer, history, wall)
     if args.trace:
         _write_trace(grid, args.trace, run)
+    if stopped:
+        where = f"checkpoint saved in {args.save}" if args.save else "no --save given, nothing saved"
+        run.say(f"preempted at step {trainer.step}: {where}; exit code {EXIT_PREEMPTED} asks the job to requeue")
+        return EXIT_PREEMPTED
     return 0
+
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped early on request, state saved, run again to continue
+
+
+def _install_preempt_handler(name):
+    """Set an event when the preemption signal arrives; the step loop checks it between steps."""
+    import signal
+    import threading
+
+    event = threading.Event()
+    signum = getattr(signal, "SIG" + name.upper().removeprefix("SIG"), None)
+    if signum is None:
+        raise ConfigError(f"--preempt-signal {name}: no such signal")
+    signal.signal(signum, lambda *_: event.set())
+    return event
 
 
 def _resume_dir(args):
