@@ -1,0 +1,88 @@
+"""Helpers for the parallel-equals-one-process tests: tiny configurations, random interchange weights,
+single-process references, and gathering any layout's shards back into full tensors."""
+
+import numpy
+
+from mpmp.config import ModelConfig, ParallelConfig, TrainConfig
+from mpmp.data import TokenData
+from mpmp.model.gpt import param_infos
+from mpmp.nn.parallel import unshard
+
+
+def random_weights(cfg: ModelConfig, seed=0) -> dict:
+    """Every interchange tensor random (biases and LayerNorms too), so no gradient hides behind a zero."""
+    rng = numpy.random.default_rng(seed)
+    out = {}
+    for p in param_infos(cfg):
+        if p.name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            out[p.name] = (1 + 0.1 * rng.standard_normal(p.shape)).astype(numpy.float32)
+        else:
+            out[p.name] = (0.05 * rng.standard_normal(p.shape)).astype(numpy.float32)
+    return out
+
+
+def corpus(n=4000, vocab=37, seed=1):
+    """A token stream with structure worth learning (a noisy repeating pattern)."""
+    rng = numpy.random.default_rng(seed)
+    base = numpy.arange(n) * 7 % vocab
+    noise = rng.integers(0, vocab, n)
+    return numpy.where(rng.random(n) < 0.2, noise, base).astype(numpy.int64)
+
+
+def train_config(model: ModelConfig, tp=1, pp=1, dp=1, **kw) -> TrainConfig:
+    par_keys = {f for f in ParallelConfig.__dataclass_fields__}
+    par = ParallelConfig(tp=tp, pp=pp, dp=dp, **{k: v for k, v in kw.items() if k in par_keys})
+    rest = {k: v for k, v in kw.items() if k not in par_keys}
+    rest.setdefault("seq_len", model.seq_len)
+    rest.setdefault("lr", 1e-2)
+    return TrainConfig(model=model, parallel=par, **rest)
+
+
+def make_data(cfg: TrainConfig, tokens=None):
+    tokens = corpus(vocab=cfg.model.vocab) if tokens is None else tokens
+    return TokenData(tokens, cfg.seq_len, cfg.model.vocab)
+
+
+def reference_run(cfg: TrainConfig, weights: dict, steps: int):
+    """The one-process run of the same model and data: (losses, final full weights, trainer)."""
+    from dataclasses import replace
+
+    from mpmp.comm.grid import LocalGrid
+    from mpmp.runtime import Trainer
+
+    one = replace(cfg, parallel=ParallelConfig())
+    trainer = Trainer(one, LocalGrid(), make_data(one), weights.__getitem__)
+    losses = [trainer.train_step()["loss"] for _ in range(steps)]
+    return losses, dict(trainer.model.local_state()), trainer
+
+
+def gather_full(grid, cfg: ModelConfig, local: dict) -> dict:
+    """{name: full tensor} from every rank's {name: local shard} (tests only: pickled gather)."""
+    from mpmp.comm.grid import coord_of
+
+    everyone = grid.comm.allgather((grid.rank, {k: numpy.asarray(v) for k, v in local.items()}))
+    infos = {p.name: p for p in param_infos(cfg)}
+    out = {}
+    for name, info in infos.items():
+        # wte lives on the first and last stage: take the first stage's copy
+        holders = sorted(
+            (coord_of(r, grid.tp, grid.dp).pp, coord_of(r, grid.tp, grid.dp).tp, d[name])
+            for r, d in everyone
+            if name in d and coord_of(r, grid.tp, grid.dp).dp == 0
+        )
+        stage = holders[0][0]
+        parts = [a for p, _, a in holders if p == stage]
+        out[name] = unshard(parts, info.split, info.shape)
+    return out
+
+
+def local_grads(model) -> dict:
+    return {p.name: numpy.array(p.grad) for p in model.parameters()}
+
+
+def assert_close_dicts(got: dict, want: dict, rtol, atol, skip=()):
+    assert set(got) == set(want)
+    for name in sorted(want):
+        if name in skip:
+            continue
+        numpy.testing.assert_allclose(got[name], want[name], rtol=rtol, atol=atol, err_msg=name)

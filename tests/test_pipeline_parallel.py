@@ -1,0 +1,89 @@
+"""Pipeline parallelism equals one process, for every schedule, and keeps each schedule's memory."""
+
+import numpy
+import pytest
+from mp_helpers import assert_close_dicts, gather_full, local_grads, random_weights, reference_run, train_config
+
+from mpmp.config import ModelConfig
+from mpmp.pipeline import schedules
+
+CFG = ModelConfig(vocab=37, seq_len=8, d_model=16, layers=6, heads=2)
+SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zb-h1", 1)]
+
+
+def cases():
+    for pp in (2, 4):
+        for name, v in SCHEDULES:
+            for m in (pp, 2 * pp + 1):
+                yield pytest.param(pp, 1, name, v, m, id=f"pp{pp}-{name}-m{m}")
+    yield pytest.param(2, 2, "1f1b", 1, 5, id="pp2-tp2-1f1b-m5")
+    yield pytest.param(2, 2, "interleaved", 2, 2, id="pp2-tp2-interleaved-m2")
+
+
+def parallel_trainer(comm, cfg, weights):
+    from mp_helpers import make_data
+
+    from mpmp.comm.grid import ProcessGrid
+    from mpmp.runtime import Trainer
+
+    par = cfg.parallel
+    grid = ProcessGrid(par.tp, par.pp, par.dp, comm=comm)
+    return Trainer(cfg, grid, make_data(cfg), weights.__getitem__)
+
+
+def one_step_grads(trainer):
+    """Loss and gradients of step 0 (no optimizer step)."""
+    mbs = trainer._microbatches(0)
+    trainer.flat.zero_grad()
+    loss = trainer.engine.run(trainer.program, mbs, trainer.reducer.finish, None)
+    total = numpy.array([loss if trainer.grid.is_last_stage and trainer.grid.coord.tp == 0 else 0.0])
+    trainer.grid.world.all_reduce(total)
+    return float(total[0]), local_grads(trainer.model)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("pp,tp,schedule,v,m", list(cases()))
+def test_pipeline_matches_one_process(comm_of, pp, tp, schedule, v, m):
+    comm = comm_of(pp * tp)
+    if comm is None:
+        return
+    cfg = train_config(CFG, tp=tp, pp=pp, schedule=schedule, virtual_stages=v, micro_batches=m, global_batch=2 * m)
+    weights = random_weights(CFG, seed=pp + m)
+
+    # gradients of one step
+    _, _, ref = reference_run(cfg, weights, 0)
+    ref_loss, ref_grads = one_step_grads(ref)
+    trainer = parallel_trainer(comm, cfg, weights)
+    loss, grads = one_step_grads(trainer)
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    assert_close_dicts(gather_full(trainer.grid, CFG, grads), ref_grads, rtol=1e-5, atol=1e-6)
+
+    # ten training steps
+    ref_losses, _, _ = reference_run(cfg, weights, 10)
+    trainer = parallel_trainer(comm, cfg, weights)
+    losses = [trainer.train_step()["loss"] for _ in range(10)]
+    numpy.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.parametrize("schedule,limit", [("1f1b", "pp"), ("gpipe", "m"), ("zb-h1", "pp")])
+def test_first_stage_holds_the_schedules_number_of_caches(comm_of, schedule, limit):
+    pp, m = 4, 9
+    comm = comm_of(pp)
+    if comm is None:
+        return
+    cfg = train_config(CFG, pp=pp, schedule=schedule, micro_batches=m, global_batch=m)
+    trainer = parallel_trainer(comm, cfg, random_weights(CFG))
+    trainer.train_step()
+    peak = trainer.engine.peak_caches
+    if trainer.grid.is_first_stage:
+        assert peak == (pp if limit == "pp" else m)
+    assert peak <= (pp if limit == "pp" else m)
+
+
+def test_checker_rejects_a_missing_receive_naming_rank_and_instruction():
+    programs = schedules.build_all("1f1b", 4, 8)
+    victim = next(i for i, ins in enumerate(programs[2]) if isinstance(ins, schedules.RecvForward))
+    del programs[2][victim]
+    with pytest.raises(schedules.ScheduleError, match=r"rank 2: Forward\(mb=0, chunk=0\): forward without its input"):
+        schedules.check(programs, 4, 8)
