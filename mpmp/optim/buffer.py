@@ -52,6 +52,7 @@ class FlatParams:
                     self.buckets.append(Bucket(start, n, current, is_late))
                     current, start = [], n
         self.numel = n
+        self.param_elements = sum(p.data.size for p in self.params)  # without bucket padding
         self.data = xp.zeros(n, dtype=dtype)
         self.grad = xp.zeros(n, dtype=dtype)
         self.decay_mask = xp.zeros(n, dtype=dtype)
