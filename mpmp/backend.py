@@ -83,3 +83,48 @@ def local_rank() -> int:
 def blas_threads() -> str:
     """What this process asked BLAS for (for the start-up banner)."""
     return os.environ.get("OPENBLAS_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "default"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Low-precision formats, emulated: values live in float32 arrays but are rounded to the format's
+# grid, as GPUs store bf16/fp16 activations and accumulate products in fp32. On the wire they travel
+# as their 16-bit patterns, so communication really halves.
+# ---------------------------------------------------------------------------------------------
+
+LOW_PRECISION = ("bf16", "fp16")
+
+
+def round_to(x, fmt: str):
+    """Round a float32 array in place to bf16 (nearest even) or fp16 (overflow gives inf)."""
+    if fmt == "bf16":
+        mod = array_module(x)
+        u = x.view(mod.uint32)
+        u += mod.uint32(0x7FFF) + ((u >> 16) & 1)
+        u &= mod.uint32(0xFFFF0000)
+    elif fmt == "fp16":
+        with numpy.errstate(over="ignore"):
+            x[...] = x.astype("float16")
+    return x
+
+
+def to_wire(x, fmt: str):
+    """The 16-bit patterns of a float32 array's values in bf16 or fp16 (uint16, same shape)."""
+    mod = array_module(x)
+    if fmt == "bf16":
+        r = round_to(x.astype(mod.float32, copy=True), "bf16")
+        return (r.view(mod.uint32) >> 16).astype(mod.uint16)
+    with numpy.errstate(over="ignore"):
+        return x.astype(mod.float16).view(mod.uint16)
+
+
+def from_wire(u, fmt: str, out=None):
+    """float32 values of 16-bit patterns (into out when given)."""
+    mod = array_module(u)
+    if fmt == "bf16":
+        values = (u.astype(mod.uint32) << 16).view(mod.float32)
+    else:
+        values = u.view(mod.float16).astype(mod.float32)
+    if out is None:
+        return values
+    out[...] = values.reshape(out.shape)
+    return out

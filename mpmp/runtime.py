@@ -11,6 +11,7 @@ import time
 import numpy
 
 from mpmp import backend
+from mpmp.backend import LOW_PRECISION, round_to
 from mpmp.comm import ledger
 from mpmp.config import TrainConfig, validate_batch
 from mpmp.errors import ConfigError
@@ -18,6 +19,7 @@ from mpmp.model.gpt import GPT, split_microbatches
 from mpmp.optim import clip
 from mpmp.optim.buffer import FlatParams
 from mpmp.optim.grads import GradReducer
+from mpmp.optim.loss_scale import DynamicLossScaler, NoLossScaling
 from mpmp.optim.lr import learning_rate
 from mpmp.optim.zero import Optimizer
 from mpmp.pipeline import partition, schedules
@@ -45,8 +47,8 @@ def validate(cfg: TrainConfig, world_size: int | None = None):
             f"{model.layers} layers + embedding + head = {model.units} units cannot fill "
             f"pp*virtual-stages = {par.pp * par.virtual_stages} pipeline stages"
         )
-    if cfg.dtype not in ("fp32",):
-        raise ConfigError(f"--dtype must be fp32, not {cfg.dtype!r}")
+    if cfg.dtype not in ("fp32",) + LOW_PRECISION:
+        raise ConfigError(f"--dtype must be one of fp32, bf16, fp16, not {cfg.dtype!r}")
     if cfg.clip < 0:
         raise ConfigError(f"--clip must be >= 0, not {cfg.clip}")
 
@@ -65,7 +67,15 @@ class Trainer:
         costs = partition.unit_costs(mcfg, par.partition, unit_costs)
         self.split = partition.balanced_split(costs, par.pp * par.virtual_stages)
         ranges = partition.stage_ranges(self.split, par.pp, grid.coord.pp, par.virtual_stages)
-        self.model = GPT(mcfg, source, ranges, grid.tp_group, par.sequence_parallel, par.recompute)
+        # Mixed precision: parameters and activations in bf16/fp16 (emulated: float32 arrays rounded
+        # to the format), fp32 master weights, gradients and their reductions; activation traffic
+        # (tp collectives, pipeline transfers) travels as 16-bit patterns.
+        self.precision = cfg.dtype if cfg.dtype in LOW_PRECISION else None
+        grid.tp_group.wire = grid.pp_group.wire = self.precision
+        self.scaler = DynamicLossScaler() if cfg.dtype == "fp16" else NoLossScaling()
+        self.model = GPT(
+            mcfg, source, ranges, grid.tp_group, par.sequence_parallel, par.recompute, precision=self.precision
+        )
 
         params = self.model.parameters()
         tied = next((p for p in params if p.name == "wte.weight"), None) if par.pp > 1 else None
@@ -78,8 +88,11 @@ class Trainer:
         )
         self.optimizer = Optimizer(
             self.flat, grid.dp_group, [grid.mp_group], par.zero == 1,
-            (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay,
+            (cfg.beta1, cfg.beta2), cfg.eps, cfg.weight_decay, self.precision,
         )  # fmt: skip
+        if self.precision:
+            round_to(self.flat.data, self.precision)  # after the fp32 masters were copied
+        self.inject_overflow = False  # tests: make the next step's gradients overflow
 
         self.programs = schedules.build_all(par.schedule, par.pp, par.micro_batches, par.virtual_stages)
         schedules.check(self.programs, par.pp, par.micro_batches, par.virtual_stages)
@@ -102,15 +115,25 @@ class Trainer:
         cfg, par = self.cfg, self.cfg.parallel
         inputs, targets = self.data.replica_batch(step, cfg.global_batch, self.grid.coord.dp, par.dp)
         xp = backend.xp()
-        scale = 1.0 / (cfg.global_batch * cfg.seq_len)
+        # The loss is the mean over the global batch; fp16 multiplies it by the loss scale S.
+        scale = self.scaler.scale / (cfg.global_batch * cfg.seq_len)
         return split_microbatches(xp.asarray(inputs), xp.asarray(targets), par.micro_batches, scale)
 
     def _optimizer_step(self):
-        norm = self.optimizer.grad_norm()
-        coef = clip.clip_coefficient(norm, self.cfg.clip)
+        if self.inject_overflow:
+            self.flat.grad[0] = numpy.inf
+            self.inject_overflow = False
+        s = self.scaler.scale
+        norm = self.optimizer.grad_norm() / s
         lr = self.lr_at(self.step)
-        self.optimizer.step(lr, coef)
-        self.last.update(grad_norm=norm, lr=lr, clip_coef=coef)
+        overflow = self.scaler.overflowed(norm)
+        if overflow:
+            coef = 0.0  # skip the update; the step's data is consumed all the same
+        else:
+            coef = clip.clip_coefficient(norm, self.cfg.clip)
+            self.optimizer.step(lr, coef / s)
+        self.scaler.update(overflow)
+        self.last.update(grad_norm=norm, lr=lr, clip_coef=coef, skipped=overflow, loss_scale=s)
 
     def train_step(self, stop_requested: bool = False) -> dict:
         """Run step self.step; returns its metrics (the same on every rank). stop_requested: this rank
@@ -130,7 +153,7 @@ class Trainer:
         tokens = self.cfg.global_batch * self.cfg.seq_len
         metrics = {
             "step": self.step,
-            "loss": float(total[0]),
+            "loss": float(total[0]) / self.last["loss_scale"],
             "grad_norm": self.last["grad_norm"],
             "lr": self.last["lr"],
             "step_s": dt,
@@ -138,6 +161,8 @@ class Trainer:
             "comm_s": ledger.get().comm_seconds() - comm0,
             "peak_caches": self.engine.peak_caches,
             "stop": bool(total[1] > 0),
+            "skipped": self.last["skipped"],
+            "loss_scale": self.last["loss_scale"],
         }
         return metrics
 

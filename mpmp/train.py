@@ -94,7 +94,11 @@ def build_parser():
     t.add_argument("--beta2", type=nf, default=0.95)
     t.add_argument("--clip", type=nf, default=1.0, help="clip the global gradient norm (0 = off)")
     t.add_argument("--seed", type=int, default=1234, help="initialisation and shuffling seed")
-    t.add_argument("--dtype", default="fp32", help="fp32")
+    t.add_argument(
+        "--dtype", default="fp32",
+        help="fp32, bf16 or fp16: parameters, activations and their traffic in that format, fp32 master "
+        "weights and gradients; fp16 adds dynamic loss scaling",
+    )  # fmt: skip
     d = p.add_argument_group("data and files")
     d.add_argument(
         "--data",
@@ -289,13 +293,15 @@ def train(args, run: Run) -> int:
         m = trainer.train_step(stop_requested=preempt.is_set())
         history.append(m)
         if metrics_file:
-            metrics_file.write(
-                json.dumps({k: m[k] for k in ("step", "loss", "grad_norm", "lr", "step_s", "tokens_per_s", "comm_s")})
-                + "\n"
-            )
+            keys = ("step", "loss", "grad_norm", "lr", "step_s", "tokens_per_s", "comm_s", "loss_scale", "skipped")
+            metrics_file.write(json.dumps({k: m[k] for k in keys}) + "\n")
             metrics_file.flush()
         if m["step"] % log_every == 0 or m["step"] in (1, cfg.steps):
             run.say(_progress(m, cfg.steps))
+        if m["skipped"]:
+            run.say(
+                f"step {m['step']}: gradients overflowed in fp16: update skipped, loss scale {m['loss_scale']:g} -> {trainer.scaler.scale:g}"
+            )
         if m["stop"]:
             stopped = True
             break

@@ -8,7 +8,7 @@ nothing. Peers are group ranks. Collectives on arrays are in place where the nam
 
 import numpy
 
-from mpmp.backend import array_module
+from mpmp.backend import array_module, from_wire, to_wire
 from mpmp.comm import ledger as _ledger
 
 OPS = ("sum", "avg", "max", "min")
@@ -49,6 +49,12 @@ class Group:
     size: int
     rank: int
     ranks: tuple
+    # "bf16" or "fp16": float32 arrays in this group's collectives and transfers travel as those 16-bit
+    # patterns (mixed precision); a call with exact=True (the loss, fp32 gradients) keeps fp32.
+    wire = None
+
+    def _format(self, x, exact):
+        return self.wire if self.wire and not exact and x.dtype == numpy.float32 else None
 
     # ---- raw operations: contiguous arrays, axis 0; implemented by the transports -------------
     def _all_reduce(self, buf, op):
@@ -92,16 +98,24 @@ class Group:
         _ledger.get().end(token, self.size, peer, nbytes, str(dtype))
 
     # ---- collectives ------------------------------------------------------------------------
-    def all_reduce(self, x, op="sum"):
+    def all_reduce(self, x, op="sum", exact=False):
         """In place over the group; returns x. op: sum, avg, max, min."""
         _check_op(op)
         if self.size == 1:
             return x
         token = self._record_begin("all_reduce")
-        self._all_reduce(x, "sum" if op == "avg" else op)
+        base = "sum" if op == "avg" else op
+        fmt = self._format(x, exact)
+        if fmt:
+            payload = to_wire(x, fmt)
+            self._all_reduce(payload, f"{base}:{fmt}")
+            from_wire(payload, fmt, out=x)
+        else:
+            payload = x
+            self._all_reduce(x, base)
         if op == "avg":
             x /= self.size
-        self._record_end(token, -1, x.nbytes, x.dtype)
+        self._record_end(token, -1, payload.nbytes, payload.dtype if not fmt else fmt)
         return x
 
     def iall_reduce(self, x, op="sum") -> Handle:
@@ -121,7 +135,7 @@ class Group:
 
         return Handle(self, token, requests, finish, x.nbytes, x.dtype)
 
-    def all_gather(self, x, axis=0, sizes=None):
+    def all_gather(self, x, axis=0, sizes=None, exact=False):
         """Concatenate every member's x along axis. sizes: each member's extent along axis when
         they differ (defaults to equal extents)."""
         if self.size == 1:
@@ -129,13 +143,18 @@ class Group:
         xp = array_module(x)
         front = _to_front(x, axis)
         counts = list(sizes) if sizes is not None else [front.shape[0]] * self.size
-        out = xp.empty((sum(counts),) + front.shape[1:], dtype=x.dtype)
+        fmt = self._format(x, exact)
+        if fmt:
+            front = to_wire(front, fmt)
+        out = xp.empty((sum(counts),) + front.shape[1:], dtype=front.dtype)
         token = self._record_begin("all_gather")
         self._all_gather(front, out, counts)
-        self._record_end(token, -1, out.nbytes, x.dtype)
+        self._record_end(token, -1, out.nbytes, fmt or x.dtype)
+        if fmt:
+            out = from_wire(out, fmt)
         return _from_front(out, axis)
 
-    def reduce_scatter(self, x, axis=0, op="sum"):
+    def reduce_scatter(self, x, axis=0, op="sum", exact=False):
         """Reduce x over the group and return this rank's block along axis (numpy.array_split's
         blocks when the extent does not divide)."""
         _check_op(op)
@@ -144,12 +163,18 @@ class Group:
         xp = array_module(x)
         front = _to_front(x, axis)
         counts = block_sizes(front.shape[0], self.size)
-        out = xp.empty((counts[self.rank],) + front.shape[1:], dtype=x.dtype)
+        base = "sum" if op == "avg" else op
+        fmt = self._format(x, exact)
+        if fmt:
+            front, base = to_wire(front, fmt), f"{base}:{fmt}"
+        out = xp.empty((counts[self.rank],) + front.shape[1:], dtype=front.dtype)
         token = self._record_begin("reduce_scatter")
-        self._reduce_scatter(front, out, counts, "sum" if op == "avg" else op)
+        self._reduce_scatter(front, out, counts, base)
+        self._record_end(token, -1, front.nbytes, fmt or x.dtype)
+        if fmt:
+            out = from_wire(out, fmt)
         if op == "avg":
             out /= self.size
-        self._record_end(token, -1, front.nbytes, x.dtype)
         return _from_front(out, axis)
 
     def broadcast(self, x, root=0):
@@ -169,13 +194,23 @@ class Group:
 
     # ---- point to point ------------------------------------------------------------------------
     def isend(self, x, peer, tag=0) -> Handle:
+        fmt = self._format(x, False)
+        payload = to_wire(x, fmt) if fmt else x  # the handle keeps the payload alive until wait()
         token = self._record_begin("send")
-        return Handle(self, token, self._isend(x, peer, tag), None, x.nbytes, x.dtype, peer)
+        handle = Handle(self, token, self._isend(payload, peer, tag), None, payload.nbytes, fmt or x.dtype, peer)
+        handle.payload = payload
+        return handle
 
     def irecv(self, out, peer, tag=0) -> Handle:
         """Receive into the preallocated out; wait() returns it."""
+        fmt = self._format(out, False)
+        if fmt:
+            buf = array_module(out).empty(out.shape, dtype=numpy.uint16)
+            finish = lambda: from_wire(buf, fmt, out=out)  # noqa: E731
+        else:
+            buf, finish = out, lambda: out  # noqa: E731
         token = self._record_begin("recv")
-        return Handle(self, token, self._irecv(out, peer, tag), lambda: out, out.nbytes, out.dtype, peer)
+        return Handle(self, token, self._irecv(buf, peer, tag), finish, buf.nbytes, fmt or out.dtype, peer)
 
     def send(self, x, peer, tag=0):
         self.isend(x, peer, tag).wait()

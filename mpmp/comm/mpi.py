@@ -13,7 +13,7 @@ import traceback
 
 import numpy
 
-from mpmp.backend import is_device_array
+from mpmp.backend import from_wire, is_device_array, to_wire
 from mpmp.comm.group import Group
 
 _MPI = None
@@ -29,9 +29,26 @@ def MPI():
     return _MPI
 
 
+_user_ops = {}
+
+
 def _op(op):
+    """The MPI op for "sum", "max", "min", or "sum:bf16" etc. on 16-bit patterns (a user-defined
+    op that widens to float32, reduces and rounds back: MPI has no bf16 arithmetic)."""
     m = MPI()
-    return {"sum": m.SUM, "max": m.MAX, "min": m.MIN}[op]
+    if ":" not in op:
+        return {"sum": m.SUM, "max": m.MAX, "min": m.MIN}[op]
+    if op not in _user_ops:
+        base, fmt = op.split(":")
+        combine = {"sum": numpy.add, "max": numpy.maximum, "min": numpy.minimum}[base]
+
+        def reduce16(inbuf, inoutbuf, datatype):
+            a = from_wire(numpy.frombuffer(inbuf, dtype=numpy.uint16), fmt)
+            io = numpy.frombuffer(inoutbuf, dtype=numpy.uint16)
+            io[...] = to_wire(combine(a, from_wire(io, fmt)), fmt)
+
+        _user_ops[op] = m.Op.Create(reduce16, commute=True)
+    return _user_ops[op]
 
 
 _cuda_aware = None

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy
 
-from mpmp.backend import xp
+from mpmp.backend import round_to, xp
 from mpmp.comm import ledger
 from mpmp.comm.group import SelfGroup
 from mpmp.config import ModelConfig
@@ -173,10 +173,12 @@ class Head:
 class Chunk:
     """A contiguous range of units [start, end) held by one rank: one pipeline (virtual) stage."""
 
-    def __init__(self, modules, start, end, n_units):
+    def __init__(self, modules, start, end, n_units, precision=None):
         self.modules, self.start, self.end = modules, start, end
         self.is_first = start == 0
         self.is_last = end == n_units
+        # "bf16"/"fp16": activations and their gradients are stored in that format between modules
+        self.precision = precision
 
     def parameters(self):
         return _unique(p for m in self.modules for p in m.parameters())
@@ -189,6 +191,8 @@ class Chunk:
         for m in self.modules:
             with led.scope(m.name):
                 x, c = m.forward(x, mb)
+            if self.precision and not isinstance(x, float):
+                round_to(x, self.precision)
             caches.append(c)
         return x, caches
 
@@ -199,6 +203,8 @@ class Chunk:
         for m, c in zip(reversed(self.modules), reversed(caches)):
             with led.scope(m.name):
                 dy = m.backward(dy, c, wgrad)
+            if self.precision and dy is not None:
+                round_to(dy, self.precision)
             if on_module_done is not None:
                 on_module_done(m)
         return dy
@@ -250,6 +256,7 @@ class GPT:
     ranges: [(start, end)] unit ranges of this rank's chunks, in execution order (one per virtual
     stage). group: the tp group (a SelfGroup for one process). sp: sequence parallelism.
     recompute: none | selective | full. dtype: float32 (float64 for finite-difference tests).
+    precision: None, or "bf16"/"fp16" for activations stored in that format between modules.
     """
 
     def __init__(
@@ -261,6 +268,7 @@ class GPT:
         sp=False,
         recompute="none",
         dtype=numpy.float32,
+        precision=None,
     ):
         self.cfg = cfg
         group = group or SelfGroup("tp")
@@ -278,7 +286,7 @@ class GPT:
                     modules.append(Head(ln_f, store["wte.weight"], group, sp, cfg.vocab))
                 else:
                     modules.append(build_block(u - 1, store, group, sp, recompute))
-            self.chunks.append(Chunk(modules, start, end, cfg.units))
+            self.chunks.append(Chunk(modules, start, end, cfg.units, precision))
         holds_embed = any(c.is_first for c in self.chunks)
         if not holds_embed and any(c.is_last for c in self.chunks):
             store["wte.weight"].tied_copy = True

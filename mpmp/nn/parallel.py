@@ -244,14 +244,15 @@ class VocabParallelEmbedding:
 
 
 def vocab_parallel_cross_entropy(logits, targets, scale, group, vocab_start, vocab_valid):
-    """Forward of the cross-entropy over a vocabulary split across tp ranks: three all-reduces (row
-    max, and the target logit stacked with the sum of exponentials). Returns (loss, cache)."""
+    """Forward of the cross-entropy over a vocabulary split across tp ranks: two all-reduces (the row
+    max; the target logit stacked with the sum of exponentials). Returns (loss, cache)."""
     return F.cross_entropy_forward(
         logits,
         targets,
         scale,
         vocab_start=vocab_start,
         vocab_valid=vocab_valid,
-        all_reduce_max=lambda a: group.all_reduce(a, "max"),
-        all_reduce_sum=lambda a: group.all_reduce(a, "sum"),
+        # the loss stays fp32 under mixed precision (Megatron computes it in fp32 too)
+        all_reduce_max=lambda a: group.all_reduce(a, "max", exact=True),
+        all_reduce_sum=lambda a: group.all_reduce(a, "sum", exact=True),
     )

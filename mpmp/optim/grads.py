@@ -58,7 +58,7 @@ class GradReducer:
         if self.sp_params:
             lo = self.flat.span(self.sp_params[0])[0]
             hi = sum(self.flat.span(self.sp_params[-1]))
-            self.tp.all_reduce(self.flat.grad[lo:hi])
+            self.tp.all_reduce(self.flat.grad[lo:hi], exact=True)  # gradients stay fp32
         if self.tied is not None:
             self.embed.all_reduce(self.tied.grad.reshape(-1))
         for i in range(len(self.flat.buckets)):

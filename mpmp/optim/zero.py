@@ -9,13 +9,18 @@ bytes as data parallelism's all-reduce (2Ψ(dp-1)/dp per rank) while optimizer m
 
 import numpy
 
+from mpmp.backend import round_to
 from mpmp.optim import clip
 from mpmp.optim.adamw import AdamW
 
 
 class Optimizer:
-    def __init__(self, flat, dp_group, norm_groups, zero=False, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0):
-        """norm_groups: the groups that partition the model (mp = tp x pp); dp is added under ZeRO."""
+    def __init__(
+        self, flat, dp_group, norm_groups, zero=False, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, precision=None
+    ):
+        """norm_groups: the groups that partition the model (mp = tp x pp); dp is added under ZeRO.
+        precision: None (fp32), or "bf16"/"fp16": the model's parameters are kept rounded to that
+        format, and fp32 master weights (of this rank's slices) receive the updates."""
         self.flat, self.dp = flat, dp_group
         self.zero = zero and dp_group.size > 1
         if self.zero:
@@ -26,7 +31,8 @@ class Optimizer:
             self.norm_groups = list(norm_groups)
         # fp32 parameters are their own master weights (views, updated in place); low-precision
         # parameters get fp32 copies.
-        self.mixed = flat.data.dtype != numpy.float32
+        self.precision = precision
+        self.mixed = precision is not None
         self.masters = [
             flat.data[lo:hi].astype(numpy.float32) if self.mixed else flat.data[lo:hi] for lo, hi in self.ranges
         ]
@@ -40,7 +46,8 @@ class Optimizer:
         return clip.all_reduce_norm(sq, self.norm_groups)
 
     def step(self, lr: float, grad_scale: float = 1.0):
-        """AdamW on this rank's (slices of the) parameters with grads * grad_scale (clipping)."""
+        """AdamW on this rank's (slices of the) parameters with grads * grad_scale (clipping, and
+        undoing the loss scale)."""
         for adam, master, (lo, hi) in zip(self.adams, self.masters, self.ranges):
             g = self.flat.grad[lo:hi].astype(numpy.float32, copy=False)
             if grad_scale != 1.0:
@@ -48,6 +55,7 @@ class Optimizer:
             adam.step(g, lr)
             if self.mixed:
                 self.flat.data[lo:hi] = master
+                round_to(self.flat.data[lo:hi], self.precision)
         if self.zero:
             for b, (lo, hi) in zip(self.flat.buckets, self.ranges):
                 self.flat.data[b.lo : b.hi] = self.dp.all_gather(self.flat.data[lo:hi])

@@ -1,0 +1,250 @@
+"""The Group interface over NCCL (cupy.cuda.nccl), for CuPy arrays on GPUs.
+
+One process per GPU: bind the device first (mpmp.backend.use("cupy", local_rank)); NCCL refuses two
+ranks of one communicator on the same device. Group rank 0 makes the NCCL unique id and the others get
+its 128 bytes by an MPI broadcast of a plain buffer (no pickle).
+
+Semantics are NCCL's (and PyTorch's ProcessGroupNCCL's):
+- Every operation is enqueued on CuPy's current stream and returns at once; later work on that stream
+  runs after it. So the ledger's times are enqueue times unless the caller synchronises.
+- A non-blocking operation's request is a CUDA event recorded after it; wait() synchronises on it.
+  Inside batch_isend_irecv NCCL launches nothing before groupEnd, so the event is recorded there.
+- NCCL has no tags: sends and receives between two ranks match in the order they are issued, and a
+  send holds its stream until the peer receives. Exchanges in a ring must go through
+  batch_isend_irecv (one NCCL group call), never an isend/irecv pair issued one by one.
+- NCCL needs equal counts: uneven all_gather/reduce_scatter blocks are padded to the largest block in
+  scratch buffers and sliced back (one extra device copy each way, only when the blocks differ). The
+  scratch buffers go back to CuPy's memory pool, which is stream-ordered, so dropping them before the
+  kernel has run is safe.
+
+CuPy is imported on first use only: this module imports on machines without it.
+"""
+
+import numpy
+
+from mpmp.comm.group import Group
+from mpmp.errors import ConfigError
+
+MISSING = "NCCL needs CuPy with NCCL (pip install 'mpmp[gpu]')"
+_ID_BYTES = 128  # NCCL_UNIQUE_ID_BYTES
+_DTYPES = {
+    "float16": "NCCL_FLOAT16",
+    "float32": "NCCL_FLOAT32",
+    "float64": "NCCL_FLOAT64",
+    "int32": "NCCL_INT32",
+    "int64": "NCCL_INT64",
+    "uint8": "NCCL_UINT8",
+}
+_OPS = {"sum": "NCCL_SUM", "max": "NCCL_MAX", "min": "NCCL_MIN"}
+# Group.wire sends float32 as 16-bit patterns in uint16 arrays and asks for ops like "sum:bf16".
+_WIRE = {"bf16": ("NCCL_BFLOAT16", 9), "fp16": ("NCCL_FLOAT16", 6)}  # (name, value in nccl.h)
+
+
+def _import():
+    """(cupy, cupy.cuda.nccl), or ConfigError with the install hint."""
+    try:
+        import cupy
+        from cupy.cuda import nccl
+    except ImportError as exc:
+        raise ConfigError(f"{MISSING}: {exc}") from None
+    if not getattr(nccl, "available", True):  # CuPy built or installed without libnccl
+        raise ConfigError(f"{MISSING}: this CuPy has no NCCL")
+    return cupy, nccl
+
+
+def nccl_available() -> bool:
+    """Whether CuPy with NCCL imports and a CUDA device is visible."""
+    try:
+        cupy, _ = _import()
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # ConfigError, or CUDA's own errors when there is no driver
+        return False
+
+
+def _id_bytes(raw) -> numpy.ndarray:
+    """get_unique_id()'s id as 128 uint8: bytes in CuPy >= 14, a tuple of C chars before."""
+    if isinstance(raw, (bytes, bytearray)):
+        return numpy.frombuffer(bytes(raw), numpy.uint8)
+    return (numpy.asarray(raw, dtype=numpy.int64) % 256).astype(numpy.uint8)
+
+
+def _communicator(lib, size: int, uid: bytes, rank: int):
+    """NcclCommunicator(size, id, rank) with the id in the form this CuPy takes: bytes (>= 14), else
+    a tuple of chars, signed on x86 and unsigned on ARM. A wrong form fails before NCCL is called."""
+    forms = (uid, tuple(numpy.frombuffer(uid, numpy.int8).tolist()), tuple(uid))
+    for form in forms[:-1]:
+        try:
+            return lib.NcclCommunicator(size, form, rank)
+        except (TypeError, OverflowError):
+            continue
+    return lib.NcclCommunicator(size, forms[-1], rank)
+
+
+class _Request:
+    """What wait() waits for: the CUDA event after the operation (set at groupEnd when batched)."""
+
+    __slots__ = ("event",)
+
+    def __init__(self, event=None):
+        self.event = event
+
+
+class NCCLGroup(Group):
+    """A group over an NCCL communicator; comm is the mpi4py communicator of the same members, in the
+    same order, and carries the unique id."""
+
+    def __init__(self, comm, name: str, ranks=None):
+        self._cupy, self._lib = _import()  # before any collective: every rank fails alike
+        self.comm = comm
+        self.name = name
+        self.size = comm.Get_size()
+        self.rank = comm.Get_rank()
+        self.ranks = tuple(ranks) if ranks is not None else tuple(range(self.size))
+        self._pending = None  # requests issued inside a group call, evented at groupEnd
+        self.nccl = _communicator(self._lib, self.size, self._unique_id(), self.rank)
+
+    def _unique_id(self) -> bytes:
+        # Byte 0 says whether rank 0 got an id: a failure there reaches every rank through the same
+        # broadcast instead of leaving them waiting in ncclCommInitRank.
+        buf = numpy.zeros(1 + _ID_BYTES, numpy.uint8)
+        error = None
+        if self.rank == 0:
+            try:
+                buf[1:] = _id_bytes(self._lib.get_unique_id())
+                buf[0] = 1
+            except Exception as exc:  # re-raised below, after the others have been told
+                error = exc
+        self.comm.Bcast(buf, root=0)
+        if error is not None:
+            raise error
+        if not buf[0]:
+            raise RuntimeError(f"group {self.name}: rank 0 could not create an NCCL unique id")
+        return buf[1:].tobytes()
+
+    def close(self):
+        """Free the NCCL communicator (all members, after their last operation)."""
+        self.nccl.destroy()
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def _stream(self) -> int:
+        return self._cupy.cuda.get_current_stream().ptr
+
+    def _args(self, a, op=None):
+        """(device pointer, element count, NCCL datatype, NCCL op) of a contiguous CuPy array; op None
+        for data movement, else "sum", "max", "min" or "sum:bf16" (uint16 patterns reduced as bf16)."""
+        if not isinstance(a, self._cupy.ndarray):
+            raise TypeError(f"group {self.name} is NCCL and takes CuPy arrays, not {type(a).__name__}")
+        if not a.flags.c_contiguous:
+            raise ValueError(f"group {self.name}: NCCL needs a contiguous array")
+        base, _, fmt = (op or "").partition(":")
+        if fmt and a.dtype.name == "uint16":
+            dtype = getattr(self._lib, _WIRE[fmt][0], _WIRE[fmt][1])  # older CuPy lacks NCCL_BFLOAT16
+        elif op is None and a.dtype.name == "uint16":
+            dtype = self._lib.NCCL_FLOAT16  # 16-bit patterns moved as they are, never added
+        elif a.dtype.name in _DTYPES:
+            dtype = getattr(self._lib, _DTYPES[a.dtype.name])
+        else:
+            raise TypeError(f"NCCL cannot {'reduce' if op else 'move'} {a.dtype}; it takes {', '.join(_DTYPES)}")
+        return a.data.ptr, a.size, dtype, getattr(self._lib, _OPS[base]) if op else None
+
+    def _request(self):
+        req = _Request()
+        if self._pending is not None:
+            self._pending.append(req)
+        else:
+            req.event = self._record()
+        return [req]
+
+    def _record(self):
+        event = self._cupy.cuda.Event(disable_timing=True)
+        event.record(self._cupy.cuda.get_current_stream())
+        return event
+
+    # ---- raw operations (counts of 0 are the same on every member, so all skip together) ------
+    def _all_reduce(self, buf, op):
+        ptr, n, dtype, nccl_op = self._args(buf, op)
+        if n:
+            self.nccl.allReduce(ptr, ptr, n, dtype, nccl_op, self._stream())
+
+    def _iall_reduce(self, buf, op):
+        self._all_reduce(buf, op)
+        return self._request()
+
+    def _all_gather(self, send, recv, counts):
+        if send.shape[0] != counts[self.rank]:
+            raise ValueError(f"all_gather: this rank has {send.shape[0]} rows, sizes says {counts[self.rank]}")
+        ptr, _, dtype, _ = self._args(send)
+        rest, row = send.shape[1:], int(numpy.prod(send.shape[1:], dtype=numpy.int64))
+        top = max(counts)
+        if top * row == 0:
+            return
+        if all(c == top for c in counts):
+            self.nccl.allGather(ptr, self._args(recv)[0], top * row, dtype, self._stream())
+            return
+        cp = self._cupy
+        pad_send = cp.empty((top,) + rest, dtype=send.dtype)
+        pad_send[: send.shape[0]] = send
+        pad_recv = cp.empty((self.size * top,) + rest, dtype=send.dtype)
+        self.nccl.allGather(pad_send.data.ptr, pad_recv.data.ptr, top * row, dtype, self._stream())
+        offset = 0
+        for i, c in enumerate(counts):
+            recv[offset : offset + c] = pad_recv[i * top : i * top + c]
+            offset += c
+
+    def _reduce_scatter(self, send, recv, counts, op):
+        ptr, _, dtype, nccl_op = self._args(send, op)
+        rest, row = send.shape[1:], int(numpy.prod(send.shape[1:], dtype=numpy.int64))
+        top = max(counts)
+        if top * row == 0:
+            return
+        if all(c == top for c in counts):
+            self.nccl.reduceScatter(ptr, self._args(recv)[0], top * row, dtype, nccl_op, self._stream())
+            return
+        cp = self._cupy
+        pad_send = cp.zeros((self.size * top,) + rest, dtype=send.dtype)
+        offset = 0
+        for i, c in enumerate(counts):
+            pad_send[i * top : i * top + c] = send[offset : offset + c]
+            offset += c
+        pad_recv = cp.empty((top,) + rest, dtype=send.dtype)
+        self.nccl.reduceScatter(pad_send.data.ptr, pad_recv.data.ptr, top * row, dtype, nccl_op, self._stream())
+        recv[...] = pad_recv[: counts[self.rank]]
+
+    def _broadcast(self, buf, root):
+        ptr, n, dtype, _ = self._args(buf)
+        if n:
+            self.nccl.broadcast(ptr, ptr, n, dtype, root, self._stream())
+
+    def _isend(self, buf, peer, tag):
+        ptr, n, dtype, _ = self._args(buf)  # tag: unused, NCCL matches in issue order
+        if n:
+            self.nccl.send(ptr, n, dtype, peer, self._stream())
+        return self._request()
+
+    def _irecv(self, buf, peer, tag):
+        ptr, n, dtype, _ = self._args(buf)
+        if n:
+            self.nccl.recv(ptr, n, dtype, peer, self._stream())
+        return self._request()
+
+    def _wait_all(self, requests):
+        for req in requests:
+            if req.event is None:
+                raise RuntimeError("wait() on an operation of a batch that has not been issued yet")
+            req.event.synchronize()
+
+    def _barrier(self):
+        # NCCL has no barrier: a one-element all-reduce, then wait for the stream (and all before it).
+        self._all_reduce(self._cupy.zeros(1, dtype=numpy.float32), "sum")
+        self._cupy.cuda.get_current_stream().synchronize()
+
+    def _group_start(self):
+        self._pending = []
+        self._lib.groupStart()
+
+    def _group_end(self):
+        pending, self._pending = self._pending, None
+        self._lib.groupEnd()
+        event = self._record()  # after groupEnd: NCCL launches the batch there
+        for req in pending:
+            req.event = event
