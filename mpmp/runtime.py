@@ -160,6 +160,7 @@ class Trainer:
             "tokens_per_s": tokens / dt,
             "comm_s": ledger.get().comm_seconds() - comm0,
             "peak_caches": self.engine.peak_caches,
+            "activation_peak_bytes": self.engine.peak_bytes,
             "stop": bool(total[1] > 0),
             "skipped": self.last["skipped"],
             "loss_scale": self.last["loss_scale"],
@@ -168,9 +169,12 @@ class Trainer:
 
     # ---- accounting -----------------------------------------------------------------------------
     def memory(self) -> dict:
-        """Bytes this rank holds for parameters, gradients and optimizer state."""
+        """Bytes this rank holds for parameters, gradients, optimizer state (and fp32 master weights),
+        and the peak of its activation caches in the last step (0 before the first)."""
+        # bf16/fp16 are emulated in float32 arrays: these are the bytes held here, not the format's.
         return {
             "param_bytes": int(self.flat.data.nbytes),
             "grad_bytes": int(self.flat.grad.nbytes),
             "optimizer_bytes": int(self.optimizer.state_bytes()),
+            "activation_bytes": int(getattr(self.engine, "peak_bytes", 0)),
         }

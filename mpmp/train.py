@@ -294,7 +294,8 @@ def train(args, run: Run) -> int:
         history.append(m)
         if metrics_file:
             keys = ("step", "loss", "grad_norm", "lr", "step_s", "tokens_per_s", "comm_s", "loss_scale", "skipped")
-            metrics_file.write(json.dumps({k: m[k] for k in keys}) + "\n")
+            line = {k: m[k] for k in keys} | trainer.memory()  # rank 0's bytes
+            metrics_file.write(json.dumps(line) + "\n")
             metrics_file.flush()
         if m["step"] % log_every == 0 or m["step"] in (1, cfg.steps):
             run.say(_progress(m, cfg.steps))
@@ -389,8 +390,9 @@ def _banner(run, cfg, grid, trainer, args):
     print(f"backend: {backend.name()} ({where}), BLAS threads per rank: {backend.blas_threads()}; " + ", ".join(extras))
     mem = trainer.memory()
     print(
-        "memory per rank (rank 0): "
-        + ", ".join(f"{k.replace('_bytes', '')} {v / 2**20:.2f} MiB" for k, v in mem.items())
+        "memory (rank 0): "
+        + ", ".join(f"{k.replace('_bytes', '')} {v / 2**20:.2f} MiB" for k, v in mem.items() if k != "activation_bytes")
+        + " (activations: after the first step, in the summary)"
     )
 
 
@@ -412,7 +414,9 @@ def _summary(run, grid, trainer, history, wall):
     everything = grid.world.all_gather(payload, sizes=sizes)
     mem = trainer.memory()
     mems = grid.world.all_gather(
-        numpy.array([[mem["param_bytes"], mem["grad_bytes"], mem["optimizer_bytes"]]], dtype=numpy.int64)
+        numpy.array(
+            [[mem[k] for k in ("param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes")]], dtype=numpy.int64
+        )
     )
     if not run.is_main or not history:
         return
@@ -428,9 +432,9 @@ def _summary(run, grid, trainer, history, wall):
     tok_s = sum(h["tokens_per_s"] for h in steady) / len(steady)
     first, last = history[0]["loss"], history[-1]["loss"]
     print(f"summary: loss {first:.4f} -> {last:.4f} over {len(history)} steps in {wall:.1f} s; {tok_s:,.0f} tokens/s")
-    print("memory per rank (MiB): " + ", ".join(
-        f"r{r} params {p / 2**20:.2f} grads {g / 2**20:.2f} optim {o / 2**20:.2f}" for r, (p, g, o) in enumerate(mems.tolist())
-    ))  # fmt: skip
+    print("memory per rank (MiB: parameters / gradients / optimizer state / peak activation caches):")
+    for r, (p, g, o, a) in enumerate(mems.tolist()):
+        print(f"  rank {r}: {p / 2**20:.2f} / {g / 2**20:.2f} / {o / 2**20:.2f} / {a / 2**20:.2f}")
     if totals:
         rows = sorted(((k, g, c, b, s) for (k, g), (c, b, s) in totals.items()), key=lambda r: (r[1], r[0]))
         print(ledger.format_summary(rows, "communication, all ranks"))

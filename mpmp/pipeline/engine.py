@@ -3,7 +3,8 @@
 Sends are non-blocking (their buffers stay alive until the step ends); receives are posted where the
 instruction stands and waited on at once. That is exactly the model the schedule checker simulates, so
 a checked schedule cannot deadlock here. Every micro-batch in flight keeps its own cache; the engine
-counts them (peak_caches) so tests can assert the memory behaviour of each schedule.
+counts them (peak_caches) and their bytes (peak_bytes) so tests can assert the memory behaviour of each
+schedule and the trainer can report activation memory.
 """
 
 from mpmp.backend import xp
@@ -38,6 +39,8 @@ class PipelineEngine:
         sends = []
         loss = 0.0
         self.live = self.peak_caches = 0
+        self.live_bytes = self.peak_bytes = 0
+        cache_bytes = {}
 
         for ins in program:
             key = (ins.mb, ins.chunk)
@@ -61,6 +64,9 @@ class PipelineEngine:
                     y, caches[key] = chunks[ins.chunk].forward(inputs.pop(key, None), microbatches[ins.mb])
                 self.live += 1
                 self.peak_caches = max(self.peak_caches, self.live)
+                cache_bytes[key] = nbytes(caches[key])
+                self.live_bytes += cache_bytes[key]
+                self.peak_bytes = max(self.peak_bytes, self.live_bytes)
                 if chunks[ins.chunk].is_last:
                     loss += y
                 else:
@@ -79,12 +85,14 @@ class PipelineEngine:
                     deferred[key] = wgrad
                 else:
                     self.live -= 1
+                    self.live_bytes -= cache_bytes.pop(key)
                 if dx is not None:
                     grads_out[key] = xp().ascontiguousarray(dx)
             elif isinstance(ins, S.BackwardWeight):
                 with led.span(f"W{ins.mb}.{ins.chunk}"):
                     run_weight_grads(deferred.pop(key))
                 self.live -= 1
+                self.live_bytes -= cache_bytes.pop(key)
                 if backward_count[ins.chunk] == m and not any(k[1] == ins.chunk for k in deferred):
                     if self.grads_final is not None:
                         for mod in reversed(chunks[ins.chunk].modules):
@@ -101,3 +109,19 @@ class PipelineEngine:
         for h in sends:
             h.wait()
         return loss
+
+
+def nbytes(obj, seen=None) -> int:
+    """Bytes of the distinct arrays inside a (nested) cache."""
+    seen = set() if seen is None else seen
+    if hasattr(obj, "nbytes") and hasattr(obj, "shape"):
+        base = obj if getattr(obj, "base", None) is None else obj.base
+        if id(base) in seen:
+            return 0
+        seen.add(id(base))
+        return int(base.nbytes) if hasattr(base, "nbytes") else int(obj.nbytes)
+    if isinstance(obj, (tuple, list)):
+        return sum(nbytes(o, seen) for o in obj)
+    if isinstance(obj, dict):
+        return sum(nbytes(o, seen) for o in obj.values())
+    return 0
