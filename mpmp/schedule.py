@@ -64,23 +64,36 @@ def render(rows, n_slots: int, width: int) -> list[str]:
     return lines[:-1]
 
 
-def save_png(plt, path: str, rows, n_slots: int, title: str):
-    colors = {"F": "#4c8bd6", "B": "#e8954a", "W": "#5bb56a"}
-    fig, ax = plt.subplots(figsize=(min(40, 2 + 0.3 * n_slots), 1 + 0.45 * len(rows)))
+COLORS = {"F": "#4c8bd6", "B": "#e8954a", "W": "#5bb56a"}
+
+
+def draw_timeline(ax, rows, xmax: float, title: str, xlabel: str = "time slot"):
+    """Draw per-rank rows of (start, span, label) bars on a matplotlib axes, coloured by the label's
+    first letter (F, B, W); shared by this module's --png and `mpmp.bench pipeline --png`."""
     for r, row in enumerate(rows):
         for start, span, label in row:
-            ax.barh(r, span, left=start, height=0.8, color=colors[label[0]], edgecolor="black", linewidth=0.5)
+            ax.barh(r, span, left=start, height=0.8, color=COLORS[label[0]], edgecolor="black", linewidth=0.5)
             ax.text(start + span / 2, r, label, ha="center", va="center", fontsize=7)
     ax.set_yticks(range(len(rows)), [f"rank {r}" for r in range(len(rows))])
     ax.invert_yaxis()
-    ax.set_xlim(0, n_slots)
-    ax.set_xlabel("time slot")
+    ax.set_xlim(0, xmax)
+    ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=9)
+
+
+def save_figure(plt, fig, path: str):
     try:
         fig.savefig(path, dpi=150, bbox_inches="tight")
     except OSError as exc:
         raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
-    plt.close(fig)
+    finally:
+        plt.close(fig)
+
+
+def save_png(plt, path: str, rows, n_slots: int, title: str):
+    fig, ax = plt.subplots(figsize=(min(40, 2 + 0.3 * n_slots), 1 + 0.45 * len(rows)))
+    draw_timeline(ax, rows, n_slots, title)
+    save_figure(plt, fig, path)
 
 
 def build_parser() -> argparse.ArgumentParser:

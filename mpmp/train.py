@@ -173,7 +173,7 @@ def make_config(args, world: int, data_vocab: int, init_cfg: ModelConfig | None)
             ("--d-model", args.d_model, init_cfg.d_model),
             ("--layers", args.layers, init_cfg.layers),
         ):
-            if _given(flag) and mine != theirs:
+            if _given(flag, args.argv) and mine != theirs:
                 raise ConfigError(f"{flag} {mine} disagrees with --init-from ({theirs}); leave it out")
         if args.vocab is not None and args.vocab != init_cfg.vocab:
             raise ConfigError(f"--vocab {args.vocab} disagrees with --init-from ({init_cfg.vocab}); leave it out")
@@ -199,8 +199,10 @@ def make_config(args, world: int, data_vocab: int, init_cfg: ModelConfig | None)
     )  # fmt: skip
 
 
-def _given(flag: str) -> bool:
-    return any(a == flag or a.startswith(flag + "=") for a in sys.argv[1:])
+def _given(flag: str, argv=None) -> bool:
+    """Whether the user passed a flag (rather than taking its default)."""
+    argv = sys.argv[1:] if argv is None else argv
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
 
 
 def train(args, run: Run) -> int:
@@ -220,7 +222,7 @@ def train(args, run: Run) -> int:
     if resume_dir:
         manifest = checkpoint.read_manifest(resume_dir)
         init_cfg = checkpoint.model_config_of(manifest)
-        if _given("--heads") and args.heads != init_cfg.heads:
+        if _given("--heads", args.argv) and args.heads != init_cfg.heads:
             raise ConfigError(f"--heads {args.heads} disagrees with the checkpoint ({init_cfg.heads}); leave it out")
         saved = manifest["config"]
         for flag, mine, theirs in (
@@ -457,6 +459,7 @@ def _write_trace(grid, path, run):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     run = Run(args)
     if run.world_size > 1:
         from mpmp.comm.mpi import abort_on_exception

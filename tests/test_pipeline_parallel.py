@@ -87,3 +87,29 @@ def test_checker_rejects_a_missing_receive_naming_rank_and_instruction():
     del programs[2][victim]
     with pytest.raises(schedules.ScheduleError, match=r"rank 2: Forward\(mb=0, chunk=0\): forward without its input"):
         schedules.check(programs, 4, 8)
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.parametrize("partition", ["parameters", "time"])
+def test_uneven_partitions_train_like_one_process(comm_of, partition):
+    """L = 5 blocks over 3 stages, split by parameters or by (given) measured time."""
+    comm = comm_of(3)
+    if comm is None:
+        return
+    from dataclasses import replace
+
+    from mp_helpers import make_data
+
+    from mpmp.comm.grid import ProcessGrid
+    from mpmp.runtime import Trainer
+
+    model = replace(CFG, layers=5)
+    cfg = train_config(model, pp=3, micro_batches=3, global_batch=6, partition=partition)
+    weights = random_weights(model, seed=3)
+    ref_losses, _, _ = reference_run(cfg, weights, 5)
+    costs = (0.3, 1.0, 2.5) if partition == "time" else None
+    trainer = Trainer(cfg, ProcessGrid(1, 3, 1, comm=comm), make_data(cfg), weights.__getitem__, unit_costs=costs)
+    blocks = [sum(1 for u in range(a, b) if 1 <= u <= model.layers) for a, b in trainer.split]
+    assert sum(blocks) == 5 and len(set(blocks)) > 1
+    losses = [trainer.train_step()["loss"] for _ in range(5)]
+    numpy.testing.assert_allclose(losses, ref_losses, rtol=1e-5)

@@ -187,7 +187,7 @@ def run(args, comm) -> dict:
         ledger.install(previous)
         comm.Free()
     big = [r for r in rows if r["bytes"] >= MiB]
-    per_op = {op: statistics.median([r["ratio"] for r in big if r["op"] == op]) for op in args.ops}
+    per_op = {op: [r["ratio"] for r in big if r["op"] == op] for op in args.ops}
     return {
         "ranks": n,
         "dtype": args.dtype,
@@ -195,7 +195,7 @@ def run(args, comm) -> dict:
         "mpi": mpi.Get_library_version().splitlines()[0].strip(),
         "rows": rows,
         "median_ratio_ge_1MiB": statistics.median([r["ratio"] for r in big]) if big else None,
-        "per_op_ratio_ge_1MiB": {op: v for op, v in per_op.items() if any(r["op"] == op for r in big)},
+        "per_op_ratio_ge_1MiB": {op: statistics.median(v) for op, v in per_op.items() if v},
     }
 
 
@@ -206,9 +206,7 @@ def format_table(result: dict) -> str:
         f"{result['repeats']} interleaved repeats of the slowest rank's mean\n"
         f"# time in us, algbw and busbw in GB/s (nccl-tests' definitions)\n"
         f"#{'':>34}{'---------- mpmp ----------':>34}{'----------- raw ----------':>34}\n"
-        f"#{'op':>15}{'size(B)':>12}{'iters':>7}"
-        + f"{'time':>12}{'algbw':>11}{'busbw':>11}" * 2
-        + f"{'mpmp/raw':>10}"
+        f"#{'op':>15}{'size(B)':>12}{'iters':>7}" + f"{'time':>12}{'algbw':>11}{'busbw':>11}" * 2 + f"{'mpmp/raw':>10}"
     )
     lines = [head]
     for r in result["rows"]:

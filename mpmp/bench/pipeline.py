@@ -1,0 +1,342 @@
+"""`mpirun -n P python -m mpmp.bench pipeline`: each schedule's bubble, measured on the real engine.
+
+The PipelineEngine runs every schedule's instruction lists over MPI, as in training, on a stand-in
+model whose chunks cost a set time: forward, input-gradient backward and weight-gradient pass each
+sleep one unit (t_F = t_B = t_W, divided by v under interleaving so every rank does the same work), and
+pass a small real activation ([1, 8] float32) from stage to stage. Sleeping rather than computing keeps
+P ranks from competing for the cores, so the measurement reflects the schedule (and the engine's
+transfers and overheads), not CPU contention; 8 ranks on 2 cores measure the same as on 8 cores.
+
+For each schedule: one warm-up step, then --steps steps, each started by a barrier. Per step, a rank's
+busy time is the sum of its compute spans (the ledger's "compute:F3.0" ... events) and the makespan
+runs from the earliest rank's start to the latest rank's end:
+
+    bubble = 1 - mean busy / makespan
+
+reported as the median over the steps, beside `theoretical_bubble` (the papers' formulas with
+F = B = W; GPipe, 1F1B and interleaved run a fused backward of B + W). The goal is a measured bubble
+within 10% of theory: what is left over is the engine's own cost per instruction and MPI latency, which
+a unit of 20 ms makes small.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import numpy
+
+from mpmp.errors import ConfigError
+from mpmp.pipeline import schedules as S
+
+ACT_SHAPE = (1, 8)
+ACT_DTYPE = numpy.float32
+GOAL = 0.10  # measured within 10% of theory
+
+
+class SleepChunk:
+    """A stand-in model chunk: forward, backward and the weight-gradient pass sleep t_f, t_b, t_w
+    seconds. The activation of micro-batch i is i on the first virtual stage and grows by one per
+    chunk, so the last chunk's loss (the activation's mean) proves the data went through every stage:
+    i + number of virtual stages."""
+
+    modules = ()  # no parameters: nothing for a grads_final hook to reduce
+
+    def __init__(self, t_f: float, t_b: float, t_w: float, is_first: bool, is_last: bool):
+        self.t_f, self.t_b, self.t_w = t_f, t_b, t_w
+        self.is_first, self.is_last = is_first, is_last
+
+    def forward(self, x, mb):
+        time.sleep(self.t_f)
+        if self.is_first:
+            x = numpy.full(ACT_SHAPE, float(mb), dtype=ACT_DTYPE)
+        y = x + 1
+        return (float(y.mean()) if self.is_last else y), x
+
+    def backward(self, dy, cache, wgrad=None, on_module_done=None):
+        """Sleeps t_b, and queues the t_w sleep in wgrad when backward is split (B now, W later, as
+        mpmp.nn.layers.defer); a fused backward sleeps t_b + t_w at once."""
+        if wgrad is None:
+            time.sleep(self.t_b + self.t_w)
+        else:
+            time.sleep(self.t_b)
+            wgrad.append((time.sleep, (self.t_w,)))
+        if dy is None:  # the last chunk: d mean / dx
+            dy = numpy.full(cache.shape, 1.0 / cache.size, dtype=ACT_DTYPE)
+        return None if self.is_first else dy  # y = x + 1 passes the gradient through
+
+
+class SleepModel:
+    """Rank `stage`'s chunks (virtual stages stage, stage + pp, ...), each costing unit / v per op."""
+
+    def __init__(self, pp: int, stage: int, v: int, unit_s: float):
+        t = unit_s / v
+        last = pp * v - 1
+        self.chunks = [SleepChunk(t, t, t, c * pp + stage == 0, c * pp + stage == last) for c in range(v)]
+
+
+def expected_loss(pp: int, m: int, v: int) -> float:
+    """The last stage's sum of micro-batch losses: sum over i of (i + pp·v)."""
+    return m * (m - 1) / 2 + m * pp * v
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------------------------
+
+
+POLL_S = 5e-5  # sleep between polls of a quiet wait: ~10% of a core per waiting rank, and a message
+# noticed within ~0.1 ms, under 1% of a unit even summed over a pipeline's 2(pp - 1) hops
+PR_SET_TIMERSLACK = 29
+
+
+def _precise_sleeps():
+    """Linux lets a sleep end up to 50 us late (timer slack) to batch wake-ups; 1 us makes the quiet
+    waits' polls and the stand-in's compute sleeps as short as asked. Best effort."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None).prctl(PR_SET_TIMERSLACK, 1000, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+
+
+def _quiet_group(group):
+    """The pipeline group with waits that sleep between polls. MPICH's blocking wait spins: with P
+    ranks on fewer cores, the ranks waiting for a message would take the cores from the ranks due to
+    wake up from their (sleeping) compute, and the bench would measure that contention, not the
+    schedule. The engine and its messages are unchanged; only how a rank waits differs (--spin-wait
+    keeps MPICH's)."""
+    from mpmp.comm.mpi import MPI, MPIGroup
+
+    class QuietGroup(MPIGroup):
+        def _wait_all(self, requests):
+            reqs = [req for req, _ in requests]
+            while not MPI().Request.Testall(reqs):
+                time.sleep(POLL_S)
+            super()._wait_all(requests)  # completed: copies staged buffers back
+
+    return QuietGroup(group.comm, group.name, group.ranks)
+
+
+def _quiet_barrier(comm):
+    """A barrier that sleeps while it waits, so the ranks that arrive early leave the cores to the
+    ones still busy (an oversubscribed node) and all leave it within a fraction of a millisecond."""
+    req = comm.Ibarrier()
+    while not req.Test():
+        time.sleep(POLL_S)
+
+
+def _label(kind: str, v: int) -> str:
+    """'compute:BW3.1' -> 'B3b' (fused backward drawn as B, as mpmp.schedule does)."""
+    name = kind[len("compute:") :]
+    op = "W" if name.startswith("W") else name[0]
+    mb, chunk = name.lstrip("BFW").split(".")
+    return f"{op}{mb}" + (chr(97 + int(chunk)) if v > 1 else "")
+
+
+def measure(schedule: str, grid, group, m: int, v: int, unit_s: float, steps: int, warmup: int) -> dict:
+    """Run one schedule for warmup + steps steps; on rank 0 returns its row (others: None)."""
+    from mpmp.comm import ledger
+    from mpmp.pipeline.engine import PipelineEngine
+
+    comm, pp, stage = grid.comm, grid.pp, grid.stage
+    program = S.build(schedule, pp, m, stage, v)
+    model = SleepModel(pp, stage, v, unit_s)
+    engine = PipelineEngine(model, group, pp, stage, v, ACT_SHAPE, ACT_DTYPE)
+    led = ledger.get()
+    per_step = []
+    for step in range(warmup + steps):
+        led.reset()
+        _quiet_barrier(comm)
+        start = led.now()
+        loss = engine.run(program, list(range(m)))
+        end = led.now()
+        if grid.is_last_stage and abs(loss - expected_loss(pp, m, v)) > 1e-3:
+            raise RuntimeError(f"{schedule}: the last stage's loss is {loss}, not {expected_loss(pp, m, v)}")
+        spans = [(_label(e.kind, v), e.start, e.end) for e in led.events if e.kind.startswith("compute:")]
+        gathered = comm.gather((start, end, spans), root=0)
+        if step >= warmup and gathered is not None:
+            per_step.append(_step_result(gathered))
+    if comm.Get_rank() != 0:
+        return None
+    bubbles = [s["bubble"] for s in per_step]
+    median = statistics.median_low(bubbles)
+    shown = per_step[bubbles.index(median)]  # the median step, drawn by --png
+    theory = S.theoretical_bubble(schedule, pp, m, v)
+    ratio = median / theory if theory else float("nan")
+    return {
+        "schedule": schedule,
+        "pp": pp,
+        "m": m,
+        "v": v,
+        "unit_ms": unit_s * 1e3,
+        "bubble": median,
+        "theory": theory,
+        "ratio": ratio,
+        "within_goal": abs(ratio - 1) <= GOAL,
+        "makespan_ms": shown["makespan_ms"],
+        "busy_ms": shown["busy_ms"],
+        "step_bubbles": bubbles,
+        "timeline": shown["timeline"],
+    }
+
+
+def _step_result(gathered) -> dict:
+    """Bubble, makespan and per-rank timeline (ms from the earliest start) of one step."""
+    t0 = min(start for start, _, _ in gathered)
+    makespan = max(end for _, end, _ in gathered) - t0
+    busy = [sum(e - s for _, s, e in spans) for _, _, spans in gathered]
+    timeline = [[(label, (s - t0) * 1e3, (e - t0) * 1e3) for label, s, e in spans] for _, _, spans in gathered]
+    mean_busy = sum(busy) / len(busy)
+    return {
+        "bubble": 1 - mean_busy / makespan,
+        "makespan_ms": makespan * 1e3,
+        "busy_ms": mean_busy * 1e3,
+        "timeline": timeline,
+    }
+
+
+def run(args, comm) -> list[dict] | None:
+    """Measure every schedule; the rows on rank 0, None elsewhere."""
+    from mpmp.comm import ledger
+    from mpmp.comm.grid import ProcessGrid
+
+    grid = ProcessGrid(tp=1, pp=comm.Get_size(), dp=1, comm=comm)
+    _precise_sleeps()
+    group = grid.pp_group if args.spin_wait else _quiet_group(grid.pp_group)
+    previous = ledger.get()
+    ledger.install(ledger.Ledger(grid.rank, keep_events=True))
+    try:
+        rows = []
+        for schedule in args.schedules:
+            v = args.virtual_stages if schedule == "interleaved" else 1
+            rows.append(measure(schedule, grid, group, args.m, v, args.unit_ms / 1e3, args.steps, args.warmup))
+    finally:
+        ledger.install(previous)
+    return rows if grid.rank == 0 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------------------------
+
+
+def format_table(rows, steps: int, warmup: int) -> str:
+    r0 = rows[0]
+    lines = [
+        f"# mpmp pipeline bench: pp {r0['pp']}, m {r0['m']}, unit {r0['unit_ms']:g} ms (t_F = t_B = t_W per stage, "
+        f"unit/v per chunk), median of {steps} step(s) after {warmup} warm-up",
+        "# bubble = 1 - mean busy / makespan; theory = theoretical_bubble with F = B = W; "
+        f"goal: within {GOAL:.0%} of theory",
+        f"{'schedule':<12}{'pp':>4}{'m':>5}{'v':>4}{'step ms':>10}{'busy ms':>10}"
+        f"{'bubble':>9}{'theory':>9}{'ratio':>8}  within {GOAL:.0%}",
+    ]
+    for r in rows:
+        lines.append(
+            f"{r['schedule']:<12}{r['pp']:>4}{r['m']:>5}{r['v']:>4}{r['makespan_ms']:>10.1f}{r['busy_ms']:>10.1f}"
+            f"{r['bubble']:>9.4f}{r['theory']:>9.4f}{r['ratio']:>8.3f}  {'yes' if r['within_goal'] else 'NO'}"
+        )
+    return "\n".join(lines)
+
+
+def save_timeline_png(path: str, rows):
+    """One panel per schedule: the median step's compute spans per rank, on a shared time axis."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("--png needs matplotlib (pip install matplotlib)") from None
+    from mpmp.schedule import draw_timeline, save_figure
+
+    xmax = max(r["makespan_ms"] for r in rows)
+    slots = max(r["makespan_ms"] / (r["unit_ms"] / r["v"]) for r in rows)  # narrowest bar ~ 0.3 inch
+    pp = rows[0]["pp"]
+    fig, axes = plt.subplots(
+        len(rows), 1, figsize=(min(40, 2 + 0.3 * slots), len(rows) * (1.2 + 0.45 * pp)), sharex=True, squeeze=False
+    )
+    for ax, r in zip(axes[:, 0], rows):
+        bars = [[(s, e - s, label) for label, s, e in spans] for spans in r["timeline"]]
+        title = (
+            f"{r['schedule']} pp={r['pp']} m={r['m']} v={r['v']}: measured bubble {r['bubble']:.3f}, "
+            f"theory {r['theory']:.3f} (ratio {r['ratio']:.2f}); F/B/W = {r['unit_ms'] / r['v']:g} ms"
+            + ("" if r["schedule"] == "zb-h1" else ", fused B lasts B+W")
+        )
+        draw_timeline(ax, bars, xmax, title, xlabel="ms since the step's barrier")
+    fig.tight_layout()
+    save_figure(plt, fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None, world_size: int = 2):
+    p = argparse.ArgumentParser(
+        prog="mpirun -n P python -m mpmp.bench pipeline",
+        description="Measure each pipeline schedule's bubble on the real engine over MPI (pp = world size), "
+        "with stages of equal, controlled cost (sleeps), beside the papers' formulas.",
+    )
+    p.add_argument("--micro-batches", type=int, dest="m", metavar="M", help="micro-batches per step (default 2*pp)")
+    p.add_argument("--schedules", default=",".join(S.SCHEDULES), metavar="LIST",
+                   help=f"comma-separated, from {','.join(S.SCHEDULES)} (default: all)")  # fmt: skip
+    p.add_argument("--virtual-stages", type=int, default=2, metavar="V", help="chunks per rank for interleaved (2)")
+    p.add_argument("--unit-ms", type=float, default=20.0, metavar="MS",
+                   help="t_F = t_B = t_W of one stage in ms (default 20: MPI latency and the engine's "
+                   "per-instruction cost stay well under 1%% of it)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=3, help="measured steps per schedule; the median is reported (3)")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps first (1)")
+    p.add_argument("--spin-wait", action="store_true",
+                   help="wait for messages in MPICH's spinning wait, as training does, instead of sleeping "
+                   "between polls (on a node with fewer cores than ranks the waiting ranks then slow the "
+                   "working ones)")  # fmt: skip
+    p.add_argument("--png", metavar="FILE", help="draw the measured per-rank timelines (needs matplotlib)")
+    p.add_argument("--json", metavar="FILE", help="write the rows, per-step bubbles and timelines as JSON")
+    args = p.parse_args(argv)
+    args.schedules = [s for s in args.schedules.split(",") if s]
+    for s in args.schedules:
+        if s not in S.SCHEDULES:
+            raise ConfigError(f"--schedules: {s!r} is not one of {', '.join(S.SCHEDULES)}")
+    if not args.schedules:
+        raise ConfigError("--schedules names no schedule")
+    if args.m is None:
+        args.m = 2 * world_size
+    if args.unit_ms <= 0 or args.steps < 1 or args.warmup < 0:
+        raise ConfigError(
+            f"--unit-ms ({args.unit_ms}) must be positive, --steps ({args.steps}) at least 1, "
+            f"--warmup ({args.warmup}) at least 0"
+        )
+    for s in args.schedules:  # every rank validates before the first collective
+        S.validate(s, world_size, args.m, args.virtual_stages if s == "interleaved" else 1)
+    return args
+
+
+def main(argv=None, comm=None) -> int:
+    from mpmp.comm.mpi import MPI
+
+    comm = comm if comm is not None else MPI().COMM_WORLD
+    if comm.Get_size() < 2:
+        raise ConfigError("the pipeline bench needs at least 2 ranks (pp = world size): mpirun -n 4 ...")
+    args = parse_args(argv, comm.Get_size())
+    rows = run(args, comm)
+    if rows is not None:
+        print(format_table(rows, args.steps, args.warmup), flush=True)
+        if args.png:
+            save_timeline_png(args.png, rows)
+            print(f"png: {args.png}", flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"steps": args.steps, "warmup": args.warmup, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    from mpmp.comm.mpi import abort_on_exception
+
+    abort_on_exception()
+    sys.exit(main())
