@@ -428,7 +428,7 @@ def test_nccl_point_to_point_on_gpus(nccl_groups):
 
 
 @pytest.mark.mpi(min_size=2)
-def test_cupy_arrays_through_mpi_groups(rng):
+def test_cupy_arrays_through_mpi_groups():
     """Ranks may share a GPU here: MPI moves device buffers (CUDA-aware) or stages them through host."""
     from mpi4py import MPI
 

@@ -90,12 +90,12 @@ def _case(op, nbytes, dtype, group, comm, MPI):
         return x.nbytes, lambda: group.broadcast(x, 0), lambda: comm.Bcast(x, root=0), 1
     per = count // n
     if op == "all_gather":
-        send, recv = numpy.zeros(per, dtype), numpy.zeros(per * n, dtype)
-        return recv.nbytes, lambda: group.all_gather(send), lambda: comm.Allgather(send, recv), 1
+        send, recv, out = numpy.zeros(per, dtype), numpy.zeros(per * n, dtype), numpy.zeros(per * n, dtype)
+        return recv.nbytes, lambda: group.all_gather(send, out=out), lambda: comm.Allgather(send, recv), 1
     if op == "reduce_scatter":
-        send, recv = numpy.zeros(per * n, dtype), numpy.zeros(per, dtype)
+        send, recv, out = numpy.zeros(per * n, dtype), numpy.zeros(per, dtype), numpy.zeros(per, dtype)
         raw = lambda: comm.Reduce_scatter_block(send, recv, op=MPI.SUM)  # noqa: E731
-        return send.nbytes, lambda: group.reduce_scatter(send), raw, 1
+        return send.nbytes, lambda: group.reduce_scatter(send, out=out), raw, 1
     x, y = numpy.zeros(count, dtype), numpy.zeros(count, dtype)  # sendrecv: ping-pong, ranks 0 and 1
     if rank > 1:
         return x.nbytes, lambda: None, lambda: None, 2

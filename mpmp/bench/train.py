@@ -67,7 +67,9 @@ def main(argv=None):
     configs = [(tuple(int(x) for x in c.split(",")), None) for c in args.config] if args.config else DEFAULTS
     peak = gemm_flops()
     print(f"float32 GEMM (2048^3): {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'V':>5} {'D':>5} {'L':>3} {'H':>3} {'S':>5} {'B':>3} {'step ms':>9} {'tokens/s':>10} {'GFLOP/s':>9} {'of GEMM':>8} {'goal':>6}")
+    print(
+        f"{'V':>5} {'D':>5} {'L':>3} {'H':>3} {'S':>5} {'B':>3} {'step ms':>9} {'tokens/s':>10} {'GFLOP/s':>9} {'of GEMM':>8} {'goal':>6}"
+    )
     rows = []
     for shape, goal in configs:
         r = train_rate(*shape, steps=args.steps, warmup=args.warmup)
@@ -78,7 +80,7 @@ def main(argv=None):
         print(
             f"{c['V']:>5} {c['D']:>5} {c['L']:>3} {c['H']:>3} {c['S']:>5} {c['B']:>3} {r['step_s'] * 1e3:>9.1f} "
             f"{r['tokens_per_s']:>10,.0f} {r['model_flops'] / 1e9:>9.1f} {r['fraction_of_gemm']:>8.2f} "
-            f"{'' if goal is None else ('>= %.2f' % goal):>6}"
+            f"{'' if goal is None else f'>= {goal:.2f}':>6}"
         )
     if args.json:
         with open(args.json, "w") as f:

@@ -95,7 +95,7 @@ class Group:
         return _ledger.get().begin(kind, self.name)
 
     def _record_end(self, token, peer, nbytes, dtype):
-        _ledger.get().end(token, self.size, peer, nbytes, str(dtype))
+        _ledger.get().end(token, self.size, peer, nbytes, _dtype_name(dtype))
 
     # ---- collectives ------------------------------------------------------------------------
     def all_reduce(self, x, op="sum", exact=False):
@@ -135,9 +135,9 @@ class Group:
 
         return Handle(self, token, requests, finish, x.nbytes, x.dtype)
 
-    def all_gather(self, x, axis=0, sizes=None, exact=False):
+    def all_gather(self, x, axis=0, sizes=None, exact=False, out=None):
         """Concatenate every member's x along axis. sizes: each member's extent along axis when
-        they differ (defaults to equal extents)."""
+        they differ (defaults to equal extents). out: a buffer to reuse (axis 0, fp32 wire only)."""
         if self.size == 1:
             return x
         xp = array_module(x)
@@ -146,7 +146,8 @@ class Group:
         fmt = self._format(x, exact)
         if fmt:
             front = to_wire(front, fmt)
-        out = xp.empty((sum(counts),) + front.shape[1:], dtype=front.dtype)
+        if out is None or fmt or axis % x.ndim:
+            out = xp.empty((sum(counts),) + front.shape[1:], dtype=front.dtype)
         token = self._record_begin("all_gather")
         self._all_gather(front, out, counts)
         self._record_end(token, -1, out.nbytes, fmt or x.dtype)
@@ -154,9 +155,9 @@ class Group:
             out = from_wire(out, fmt)
         return _from_front(out, axis)
 
-    def reduce_scatter(self, x, axis=0, op="sum", exact=False):
+    def reduce_scatter(self, x, axis=0, op="sum", exact=False, out=None):
         """Reduce x over the group and return this rank's block along axis (numpy.array_split's
-        blocks when the extent does not divide)."""
+        blocks when the extent does not divide). out: a buffer to reuse (axis 0, fp32 wire only)."""
         _check_op(op)
         if self.size == 1:
             return x
@@ -167,7 +168,8 @@ class Group:
         fmt = self._format(x, exact)
         if fmt:
             front, base = to_wire(front, fmt), f"{base}:{fmt}"
-        out = xp.empty((counts[self.rank],) + front.shape[1:], dtype=front.dtype)
+        if out is None or fmt or axis % x.ndim:
+            out = xp.empty((counts[self.rank],) + front.shape[1:], dtype=front.dtype)
         token = self._record_begin("reduce_scatter")
         self._reduce_scatter(front, out, counts, base)
         self._record_end(token, -1, front.nbytes, fmt or x.dtype)
@@ -241,6 +243,17 @@ class SelfGroup(Group):
 
     def _barrier(self):
         pass
+
+
+_dtype_names = {}
+
+
+def _dtype_name(dtype) -> str:
+    """str(dtype), cached: NumPy 2 builds it in Python, which costs microseconds per operation."""
+    name = _dtype_names.get(dtype)
+    if name is None:
+        name = _dtype_names[dtype] = str(dtype)
+    return name
 
 
 def _check_op(op):

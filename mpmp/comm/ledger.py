@@ -33,7 +33,7 @@ def wire_bytes(kind: str, nbytes: int, group_size: int) -> float:
     return nbytes * factor(group_size) if factor else 0.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Event:
     kind: str  # all_reduce, all_gather, reduce_scatter, broadcast, send, recv, ... or compute:<name>
     group: str  # tp, dp, pp, embed, world, ...

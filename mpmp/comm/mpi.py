@@ -7,6 +7,7 @@ prints it. Also here: `abort_on_exception`, which turns an uncaught exception on
 """
 
 import ctypes
+import math
 import os
 import sys
 import traceback
@@ -124,7 +125,7 @@ class MPIGroup(Group):
 
     def _all_gather(self, send, recv, counts):
         s, r = _Staged(send), _Staged(recv, copy_in=False)
-        row = int(numpy.prod(send.shape[1:], dtype=numpy.int64))
+        row = math.prod(send.shape[1:])
         if all(c == counts[0] for c in counts):
             self.comm.Allgather(s.buf, r.buf)
         else:
@@ -135,7 +136,7 @@ class MPIGroup(Group):
 
     def _reduce_scatter(self, send, recv, counts, op):
         s, r = _Staged(send), _Staged(recv, copy_in=False)
-        row = int(numpy.prod(send.shape[1:], dtype=numpy.int64))
+        row = math.prod(send.shape[1:])
         self.comm.Reduce_scatter(s.buf, r.buf, [c * row for c in counts], op=_op(op))
         r.back()
 
