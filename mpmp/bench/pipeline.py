@@ -5,22 +5,28 @@ model whose chunks cost a set time: forward, input-gradient backward and weight-
 sleep one unit (t_F = t_B = t_W, divided by v under interleaving so every rank does the same work), and
 pass a small real activation ([1, 8] float32) from stage to stage. Sleeping rather than computing keeps
 P ranks from competing for the cores, so the measurement reflects the schedule (and the engine's
-transfers and overheads), not CPU contention; 8 ranks on 2 cores measure the same as on 8 cores.
+transfers and overheads), not CPU contention: 8 ranks on a 2-core node still measure the schedule.
 
-For each schedule: one warm-up step, then --steps steps, each started by a barrier. Per step, a rank's
-busy time is the sum of its compute spans (the ledger's "compute:F3.0" ... events) and the makespan
-runs from the earliest rank's start to the latest rank's end:
+One warm-up step of every schedule, then --steps rounds of one step each (round robin, so a burst of
+load from other jobs hits one step of every schedule), each step started by a barrier. Per step, a
+rank's busy time is the sum of its compute spans (the ledger's "compute:F3.0" ... events) and the
+window runs from the first computation on any rank (stage 0's first forward) to the last:
 
-    bubble = 1 - mean busy / makespan
+    bubble = 1 - mean busy / window
 
-reported as the median over the steps, beside `theoretical_bubble` (the papers' formulas with
-F = B = W; GPipe, 1F1B and interleaved run a fused backward of B + W). The goal is a measured bubble
-within 10% of theory: what is left over is the engine's own cost per instruction and MPI latency, which
-a unit of 20 ms makes small.
+as schedules.bubble_fraction counts it (ranks' times compare by wall clock: exact on one node), reported as the median over the steps beside
+`theoretical_bubble` (the papers' formulas with F = B = W; GPipe, 1F1B and interleaved run a fused
+backward of B + W). The goal is a measured bubble within 10% of theory. What is left over is the
+engine's cost per instruction and a message's latency, each 0.05-0.5 ms on a busy 2-core node: a unit
+of 40 ms keeps them near 1% of an op. They add up along the schedule's critical path, longest where
+it has no slack (ZB-H1's last stage and its B chain), and they weigh most where theory is smallest.
+Sleep overshoot counts as busy and so cancels out, but its spread does not: a late op delays whatever
+waits on it.
 """
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -86,8 +92,8 @@ def expected_loss(pp: int, m: int, v: int) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-POLL_S = 5e-5  # sleep between polls of a quiet wait: ~10% of a core per waiting rank, and a message
-# noticed within ~0.1 ms, under 1% of a unit even summed over a pipeline's 2(pp - 1) hops
+POLL_S = 1e-4  # sleep between polls of a quiet wait: a few % of a core per waiting rank; a message is
+# noticed ~0.1 ms late, ~0.1% of a step even summed over the 2(pp - 1) or so hops of its critical path
 PR_SET_TIMERSLACK = 29
 
 
@@ -104,11 +110,11 @@ def _precise_sleeps():
 
 
 def _quiet_group(group):
-    """The pipeline group with waits that sleep between polls. MPICH's blocking wait spins: with P
-    ranks on fewer cores, the ranks waiting for a message would take the cores from the ranks due to
-    wake up from their (sleeping) compute, and the bench would measure that contention, not the
-    schedule. The engine and its messages are unchanged; only how a rank waits differs (--spin-wait
-    keeps MPICH's)."""
+    """The pipeline group with waits that sleep between polls (--quiet-wait). MPICH's blocking wait
+    polls, yielding the core now and then; with more ranks than cores, the waiting ranks then share
+    the cores with the ranks waking from their (sleeping) compute. On this 2-core node both waits
+    measure the same bubble when it is otherwise idle; the quiet one uses about a third of the CPU.
+    The engine and its messages are unchanged: only how a rank waits differs."""
     from mpmp.comm.mpi import MPI, MPIGroup
 
     class QuietGroup(MPIGroup):
@@ -137,63 +143,75 @@ def _label(kind: str, v: int) -> str:
     return f"{op}{mb}" + (chr(97 + int(chunk)) if v > 1 else "")
 
 
-def measure(schedule: str, grid, group, m: int, v: int, unit_s: float, steps: int, warmup: int) -> dict:
-    """Run one schedule for warmup + steps steps; on rank 0 returns its row (others: None)."""
-    from mpmp.comm import ledger
-    from mpmp.pipeline.engine import PipelineEngine
+class _Case:
+    """One schedule on this rank: its instruction list and an engine over the stand-in model."""
 
-    comm, pp, stage = grid.comm, grid.pp, grid.stage
-    program = S.build(schedule, pp, m, stage, v)
-    model = SleepModel(pp, stage, v, unit_s)
-    engine = PipelineEngine(model, group, pp, stage, v, ACT_SHAPE, ACT_DTYPE)
-    led = ledger.get()
-    per_step = []
-    for step in range(warmup + steps):
+    def __init__(self, schedule: str, grid, group, m: int, v: int, unit_s: float):
+        from mpmp.pipeline.engine import PipelineEngine
+
+        self.schedule, self.grid, self.m, self.v, self.unit_s = schedule, grid, m, v, unit_s
+        self.program = S.build(schedule, grid.pp, m, grid.stage, v)
+        model = SleepModel(grid.pp, grid.stage, v, unit_s)
+        self.engine = PipelineEngine(model, group, grid.pp, grid.stage, v, ACT_SHAPE, ACT_DTYPE)
+
+    def step(self):
+        """One step from a barrier; rank 0 gets every rank's (start, end, compute spans), others None."""
+        from mpmp.comm import ledger
+
+        led, grid = ledger.get(), self.grid
         led.reset()
-        _quiet_barrier(comm)
+        _quiet_barrier(grid.comm)
         start = led.now()
-        loss = engine.run(program, list(range(m)))
+        loss = self.engine.run(self.program, list(range(self.m)))
         end = led.now()
-        if grid.is_last_stage and abs(loss - expected_loss(pp, m, v)) > 1e-3:
-            raise RuntimeError(f"{schedule}: the last stage's loss is {loss}, not {expected_loss(pp, m, v)}")
-        spans = [(_label(e.kind, v), e.start, e.end) for e in led.events if e.kind.startswith("compute:")]
-        gathered = comm.gather((start, end, spans), root=0)
-        if step >= warmup and gathered is not None:
-            per_step.append(_step_result(gathered))
-    if comm.Get_rank() != 0:
-        return None
-    bubbles = [s["bubble"] for s in per_step]
-    median = statistics.median_low(bubbles)
-    shown = per_step[bubbles.index(median)]  # the median step, drawn by --png
-    theory = S.theoretical_bubble(schedule, pp, m, v)
-    ratio = median / theory if theory else float("nan")
-    return {
-        "schedule": schedule,
-        "pp": pp,
-        "m": m,
-        "v": v,
-        "unit_ms": unit_s * 1e3,
-        "bubble": median,
-        "theory": theory,
-        "ratio": ratio,
-        "within_goal": abs(ratio - 1) <= GOAL,
-        "makespan_ms": shown["makespan_ms"],
-        "busy_ms": shown["busy_ms"],
-        "step_bubbles": bubbles,
-        "timeline": shown["timeline"],
-    }
+        want = expected_loss(grid.pp, self.m, self.v)
+        if grid.is_last_stage and abs(loss - want) > 1e-3:
+            raise RuntimeError(f"{self.schedule}: the last stage's loss is {loss}, not {want}: activations went astray")
+        spans = [(_label(e.kind, self.v), e.start, e.end) for e in led.events if e.kind.startswith("compute:")]
+        return grid.comm.gather((start, end, spans), root=0)
+
+    def row(self, per_step) -> dict:
+        """The table row from the measured steps: the median step's bubble, times and timeline."""
+        bubbles = [s["bubble"] for s in per_step]
+        median = statistics.median_low(bubbles)
+        shown = per_step[bubbles.index(median)]  # drawn by --png
+        theory = S.theoretical_bubble(self.schedule, self.grid.pp, self.m, self.v)
+        ratio = median / theory if theory else float("nan")
+        return {
+            "schedule": self.schedule,
+            "pp": self.grid.pp,
+            "m": self.m,
+            "v": self.v,
+            "unit_ms": self.unit_s * 1e3,
+            "bubble": median,
+            "best": min(bubbles),
+            "theory": theory,
+            "ratio": ratio,
+            "within_goal": abs(ratio - 1) <= GOAL,
+            "window_ms": shown["window_ms"],
+            "step_ms": shown["step_ms"],
+            "busy_ms": shown["busy_ms"],
+            "step_bubbles": bubbles,
+            "timeline": shown["timeline"],
+        }
 
 
 def _step_result(gathered) -> dict:
-    """Bubble, makespan and per-rank timeline (ms from the earliest start) of one step."""
-    t0 = min(start for start, _, _ in gathered)
-    makespan = max(end for _, end, _ in gathered) - t0
+    """Bubble, window, step time and per-rank timeline (ms from the first computation) of one step.
+
+    The window runs from the first computation (stage 0's first forward) to the last, as
+    schedules.bubble_fraction and the papers count it; the step time also holds the skew of the ranks
+    leaving the barrier (milliseconds on a loaded node) and the final waits on sends."""
+    first = min(s for _, _, spans in gathered for _, s, _ in spans)
+    last = max(e for _, _, spans in gathered for _, _, e in spans)
+    step = max(end for _, end, _ in gathered) - min(start for start, _, _ in gathered)
     busy = [sum(e - s for _, s, e in spans) for _, _, spans in gathered]
-    timeline = [[(label, (s - t0) * 1e3, (e - t0) * 1e3) for label, s, e in spans] for _, _, spans in gathered]
+    timeline = [[(label, (s - first) * 1e3, (e - first) * 1e3) for label, s, e in spans] for _, _, spans in gathered]
     mean_busy = sum(busy) / len(busy)
     return {
-        "bubble": 1 - mean_busy / makespan,
-        "makespan_ms": makespan * 1e3,
+        "bubble": 1 - mean_busy / (last - first),
+        "window_ms": (last - first) * 1e3,
+        "step_ms": step * 1e3,
         "busy_ms": mean_busy * 1e3,
         "timeline": timeline,
     }
@@ -206,17 +224,25 @@ def run(args, comm) -> list[dict] | None:
 
     grid = ProcessGrid(tp=1, pp=comm.Get_size(), dp=1, comm=comm)
     _precise_sleeps()
-    group = grid.pp_group if args.spin_wait else _quiet_group(grid.pp_group)
+    group = _quiet_group(grid.pp_group) if args.quiet_wait else grid.pp_group
     previous = ledger.get()
     ledger.install(ledger.Ledger(grid.rank, keep_events=True))
     try:
-        rows = []
-        for schedule in args.schedules:
-            v = args.virtual_stages if schedule == "interleaved" else 1
-            rows.append(measure(schedule, grid, group, args.m, v, args.unit_ms / 1e3, args.steps, args.warmup))
+        cases = [_Case(s, grid, group, args.m, args.virtual_stages if s == "interleaved" else 1, args.unit_ms / 1e3)
+                 for s in args.schedules]  # fmt: skip
+        per_step = [[] for _ in cases]
+        # Round robin over the schedules, step by step: a burst of load on the node (other jobs) then
+        # spoils one step of every schedule, which the median drops, not every step of one schedule.
+        for step in range(args.warmup + args.steps):
+            for case, results in zip(cases, per_step):
+                gathered = case.step()
+                if step >= args.warmup and gathered is not None:
+                    results.append(_step_result(gathered))
     finally:
         ledger.install(previous)
-    return rows if grid.rank == 0 else None
+    if grid.rank != 0:
+        return None
+    return [case.row(results) for case, results in zip(cases, per_step)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,20 +250,30 @@ def run(args, comm) -> list[dict] | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def format_table(rows, steps: int, warmup: int) -> str:
+def _node_load() -> str:
+    try:
+        return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    except OSError:
+        return "load average unknown"
+
+
+def format_table(rows, steps: int, warmup: int, load: str = "") -> str:
     r0 = rows[0]
     lines = [
         f"# mpmp pipeline bench: pp {r0['pp']}, m {r0['m']}, unit {r0['unit_ms']:g} ms (t_F = t_B = t_W per stage, "
         f"unit/v per chunk), median of {steps} step(s) after {warmup} warm-up",
-        "# bubble = 1 - mean busy / makespan; theory = theoretical_bubble with F = B = W; "
-        f"goal: within {GOAL:.0%} of theory",
-        f"{'schedule':<12}{'pp':>4}{'m':>5}{'v':>4}{'step ms':>10}{'busy ms':>10}"
-        f"{'bubble':>9}{'theory':>9}{'ratio':>8}  within {GOAL:.0%}",
+        "# bubble = 1 - mean busy / window (first to last computation), median step; best: the lowest step; "
+        f"step: barrier to the last rank's end; theory = theoretical_bubble with F = B = W; goal: within {GOAL:.0%}",
+        f"{'schedule':<12}{'pp':>4}{'m':>5}{'v':>4}{'step ms':>10}{'window':>10}{'busy ms':>10}"
+        f"{'bubble':>9}{'best':>8}{'theory':>9}{'ratio':>8}  within {GOAL:.0%}",
     ]
+    if load:
+        lines.insert(2, f"# node {load} at the start: other jobs' load delays wake-ups and adds to the bubble")
     for r in rows:
         lines.append(
-            f"{r['schedule']:<12}{r['pp']:>4}{r['m']:>5}{r['v']:>4}{r['makespan_ms']:>10.1f}{r['busy_ms']:>10.1f}"
-            f"{r['bubble']:>9.4f}{r['theory']:>9.4f}{r['ratio']:>8.3f}  {'yes' if r['within_goal'] else 'NO'}"
+            f"{r['schedule']:<12}{r['pp']:>4}{r['m']:>5}{r['v']:>4}{r['step_ms']:>10.1f}"
+            f"{r['window_ms']:>10.1f}{r['busy_ms']:>10.1f}"
+            f"{r['bubble']:>9.4f}{r['best']:>8.4f}{r['theory']:>9.4f}{r['ratio']:>8.3f}  {'yes' if r['within_goal'] else 'NO'}"
         )
     return "\n".join(lines)
 
@@ -253,20 +289,20 @@ def save_timeline_png(path: str, rows):
         raise ConfigError("--png needs matplotlib (pip install matplotlib)") from None
     from mpmp.schedule import draw_timeline, save_figure
 
-    xmax = max(r["makespan_ms"] for r in rows)
-    slots = max(r["makespan_ms"] / (r["unit_ms"] / r["v"]) for r in rows)  # narrowest bar ~ 0.3 inch
+    xmax = max(r["window_ms"] for r in rows)
+    slots = max(r["window_ms"] / (r["unit_ms"] / r["v"]) for r in rows)  # narrowest bar ~ 0.3 inch
     pp = rows[0]["pp"]
     fig, axes = plt.subplots(
         len(rows), 1, figsize=(min(40, 2 + 0.3 * slots), len(rows) * (1.2 + 0.45 * pp)), sharex=True, squeeze=False
     )
-    for ax, r in zip(axes[:, 0], rows):
+    for i, (ax, r) in enumerate(zip(axes[:, 0], rows)):
         bars = [[(s, e - s, label) for label, s, e in spans] for spans in r["timeline"]]
         title = (
             f"{r['schedule']} pp={r['pp']} m={r['m']} v={r['v']}: measured bubble {r['bubble']:.3f}, "
             f"theory {r['theory']:.3f} (ratio {r['ratio']:.2f}); F/B/W = {r['unit_ms'] / r['v']:g} ms"
             + ("" if r["schedule"] == "zb-h1" else ", fused B lasts B+W")
         )
-        draw_timeline(ax, bars, xmax, title, xlabel="ms since the step's barrier")
+        draw_timeline(ax, bars, xmax, title, xlabel="ms since the first forward" if i == len(rows) - 1 else "")
     fig.tight_layout()
     save_figure(plt, fig, path)
 
@@ -286,18 +322,19 @@ def parse_args(argv=None, world_size: int = 2):
     p.add_argument("--schedules", default=",".join(S.SCHEDULES), metavar="LIST",
                    help=f"comma-separated, from {','.join(S.SCHEDULES)} (default: all)")  # fmt: skip
     p.add_argument("--virtual-stages", type=int, default=2, metavar="V", help="chunks per rank for interleaved (2)")
-    p.add_argument("--unit-ms", type=float, default=20.0, metavar="MS",
-                   help="t_F = t_B = t_W of one stage in ms (default 20: MPI latency and the engine's "
-                   "per-instruction cost stay well under 1%% of it)")  # fmt: skip
-    p.add_argument("--steps", type=int, default=3, help="measured steps per schedule; the median is reported (3)")
+    p.add_argument("--unit-ms", type=float, default=40.0, metavar="MS",
+                   help="t_F = t_B = t_W of one stage in ms (default 40: the engine's cost per instruction and "
+                   "a message's latency, 0.05-0.5 ms each on a busy 2-core node, stay near 1%% of it)")  # fmt: skip
+    p.add_argument("--steps", type=int, default=5, help="measured steps per schedule; the median is reported (5)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured steps first (1)")
-    p.add_argument("--spin-wait", action="store_true",
-                   help="wait for messages in MPICH's spinning wait, as training does, instead of sleeping "
-                   "between polls (on a node with fewer cores than ranks the waiting ranks then slow the "
-                   "working ones)")  # fmt: skip
+    p.add_argument("--quiet-wait", action="store_true",
+                   help="wait for messages by polling with short sleeps, not in MPICH's wait (which training "
+                   "uses): less CPU on a node shared with other jobs, the same bubble on an idle one")  # fmt: skip
     p.add_argument("--png", metavar="FILE", help="draw the measured per-rank timelines (needs matplotlib)")
     p.add_argument("--json", metavar="FILE", help="write the rows, per-step bubbles and timelines as JSON")
     args = p.parse_args(argv)
+    if world_size < 2:
+        raise ConfigError("the pipeline bench needs at least 2 ranks (pp = world size): mpirun -n 4 ...")
     args.schedules = [s for s in args.schedules.split(",") if s]
     for s in args.schedules:
         if s not in S.SCHEDULES:
@@ -320,18 +357,17 @@ def main(argv=None, comm=None) -> int:
     from mpmp.comm.mpi import MPI
 
     comm = comm if comm is not None else MPI().COMM_WORLD
-    if comm.Get_size() < 2:
-        raise ConfigError("the pipeline bench needs at least 2 ranks (pp = world size): mpirun -n 4 ...")
     args = parse_args(argv, comm.Get_size())
+    load = _node_load()  # before our ranks start working
     rows = run(args, comm)
     if rows is not None:
-        print(format_table(rows, args.steps, args.warmup), flush=True)
+        print(format_table(rows, args.steps, args.warmup, load), flush=True)
         if args.png:
             save_timeline_png(args.png, rows)
             print(f"png: {args.png}", flush=True)
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"steps": args.steps, "warmup": args.warmup, "rows": rows}, f, indent=1)
+                json.dump({"steps": args.steps, "warmup": args.warmup, "node": load, "rows": rows}, f, indent=1)
     return 0
 
 
