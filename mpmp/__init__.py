@@ -4,10 +4,11 @@ GPT-2 with hand-written forward and backward passes on NumPy/CuPy arrays, split 
 tensor, pipeline and data parallelism, with every byte of communication explicit.
 """
 
-from mpmp import _threads
+from mpmp import _setup
 
 # Must run before NumPy is first imported so that OpenBLAS starts with the right pool size.
-_threads.configure()
+_setup.configure()
+_setup.configure_allocator()
 
 __version__ = "0.1.0"
 

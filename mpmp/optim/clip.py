@@ -11,10 +11,20 @@ import math
 from mpmp.backend import array_module
 
 
-def local_sq_norm(grad, norm_mask) -> float:
+def local_sq_norm(grad, runs, scratch=None) -> float:
+    """Sum of squares of grad over the [lo, hi) runs that count, in float64: each cache-sized chunk
+    is squared into a float64 scratch buffer and summed there (no model-sized temporaries)."""
     xp = array_module(grad)
-    g = grad.astype(xp.float64)
-    return float(xp.dot(g * norm_mask, g))
+    chunk = 1 << 16
+    scratch = xp.empty(chunk, dtype=xp.float64) if scratch is None else scratch
+    total = 0.0
+    for lo, hi in runs:
+        for a in range(lo, hi, chunk):
+            b = min(a + chunk, hi)
+            t = scratch[: b - a]
+            xp.multiply(grad[a:b], grad[a:b], out=t, dtype=xp.float64)
+            total += float(t.sum())
+    return total
 
 
 def all_reduce_norm(local_sq: float, groups) -> float:

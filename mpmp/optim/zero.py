@@ -11,7 +11,7 @@ import numpy
 
 from mpmp.backend import round_to
 from mpmp.optim import clip
-from mpmp.optim.adamw import AdamW
+from mpmp.optim.adamw import AdamW, runs
 
 
 class Optimizer:
@@ -39,20 +39,21 @@ class Optimizer:
         self.adams = [
             AdamW(m, flat.decay_mask[lo:hi], betas, eps, weight_decay) for m, (lo, hi) in zip(self.masters, self.ranges)
         ]
+        # the runs of parameters this rank counts in the global norm, clipped to its ranges
+        self._norm_scratch = numpy.empty(1 << 16, dtype=numpy.float64)
+        counted = runs(flat.norm_mask)
+        self.norm_runs = [(max(a, lo), min(b, hi)) for lo, hi in self.ranges for a, b in counted if a < hi and b > lo]
 
     def grad_norm(self) -> float:
         """Global L2 norm of the gradient of the distinct parameters, before clipping."""
-        sq = sum(clip.local_sq_norm(self.flat.grad[lo:hi], self.flat.norm_mask[lo:hi]) for lo, hi in self.ranges)
+        sq = clip.local_sq_norm(self.flat.grad, self.norm_runs, self._norm_scratch)
         return clip.all_reduce_norm(sq, self.norm_groups)
 
     def step(self, lr: float, grad_scale: float = 1.0):
         """AdamW on this rank's (slices of the) parameters with grads * grad_scale (clipping, and
         undoing the loss scale)."""
         for adam, master, (lo, hi) in zip(self.adams, self.masters, self.ranges):
-            g = self.flat.grad[lo:hi].astype(numpy.float32, copy=False)
-            if grad_scale != 1.0:
-                g = g * numpy.float32(grad_scale)
-            adam.step(g, lr)
+            adam.step(self.flat.grad[lo:hi], lr, grad_scale)
             if self.mixed:
                 self.flat.data[lo:hi] = master
                 round_to(self.flat.data[lo:hi], self.precision)
