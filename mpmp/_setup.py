@@ -14,6 +14,7 @@ _LOCAL_SIZE_VARS = (
     "MPI_LOCALNRANKS",  # MPICH (hydra)
     "MPICH_LOCALNRANKS",
     "PMI_LOCAL_SIZE",
+    "SLURM_STEP_TASKS_PER_NODE",  # srun: this step's tasks on each node
     "SLURM_NTASKS_PER_NODE",
     "PALS_LOCAL_SIZE",
 )

@@ -216,8 +216,9 @@ def full_tensors(step_dir: str, manifest=None, names=None) -> dict:
     return out
 
 
-def save(trainer, root: str, extra: dict | None = None) -> str:
-    """Every rank writes its shard of step trainer.step; rank 0 writes the manifest last. Collective."""
+def save(trainer, root: str, extra: dict | None = None, keep_last: int = 0) -> str:
+    """Every rank writes its shard of step trainer.step; rank 0 writes the manifest last, then (with
+    keep_last = N > 0) removes all but the newest N complete checkpoints. Collective."""
     from mpmp.backend import to_numpy
 
     grid, step = trainer.grid, trainer.step
@@ -266,6 +267,7 @@ def save(trainer, root: str, extra: dict | None = None) -> str:
             "data": {"order": trainer.data.order, "seed": trainer.data.seed,
                      "sequences_consumed": step * cfg.global_batch},
             "files": files,
+            "loss_scaler": trainer.scaler.state(),
         }  # fmt: skip
         manifest.update(extra or {})
         atomic_write_bytes(os.path.join(partial, "manifest.json"), json.dumps(manifest, indent=1).encode())
@@ -276,8 +278,19 @@ def save(trainer, root: str, extra: dict | None = None) -> str:
         os.replace(partial, final)
         _fsync_dir(root)
         atomic_write_bytes(os.path.join(root, "latest"), (step_dir_name(step) + "\n").encode())
+        if keep_last > 0:
+            _prune(root, keep_last)
     grid.world.barrier()
     return final
+
+
+def _prune(root: str, keep: int):
+    """Remove complete step directories beyond the newest `keep` (never the one just written)."""
+    import shutil
+
+    done = sorted(d for d in os.listdir(root) if re.fullmatch(r"step_\d{8}", d))
+    for d in done[:-keep]:
+        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
 
 
 def optimizer_state(step_dir: str, manifest=None) -> dict:

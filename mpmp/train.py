@@ -108,6 +108,7 @@ def build_parser():
     d.add_argument("--data-order", default="sequential", help="sequential or shuffled")
     d.add_argument("--save", default=None, help="checkpoint directory")
     d.add_argument("--save-every", type=ni, default=0, help="save every K steps (0: only at the end, with --save)")
+    d.add_argument("--keep-last", type=ni, default=0, help="keep only the newest N checkpoints in --save (0 = all)")
     d.add_argument("--resume", default=None, help="resume from a checkpoint directory, or 'auto' (newest in --save)")
     d.add_argument("--metrics", default=None, help="write one JSON line per step (rank 0)")
     d.add_argument("--trace", default=None, help="write a Chrome trace of every operation (open in Perfetto)")
@@ -235,8 +236,9 @@ def train(args, run: Run) -> int:
                 raise ConfigError(
                     f"{flag} {mine} differs from the checkpoint's {theirs} in {resume_dir}; resume with {flag} {theirs}"
                 )
-        init_arrays = checkpoint.full_tensors(resume_dir, manifest)
         opt_state = checkpoint.optimizer_state(resume_dir, manifest)
+        # Mixed-precision checkpoints hold fp32 master weights: those are the parameters.
+        init_arrays = opt_state.get("master") or checkpoint.full_tensors(resume_dir, manifest)
     elif args.init_from:
         init_cfg, init_arrays = checkpoint.load_interchange(args.init_from, args.heads)
     tokens, data_vocab = load_tokens(args.data)
@@ -274,11 +276,12 @@ def train(args, run: Run) -> int:
     trainer = Trainer(cfg, grid, data, source, unit_costs=costs)
     if resume_dir:
         checkpoint.restore_optimizer(trainer, opt_state)
+        trainer.scaler.load(manifest.get("loss_scaler") or trainer.scaler.state())
         trainer.step = manifest["step"]
         run.say(f"resumed from {resume_dir} at step {trainer.step}")
     _banner(run, cfg, grid, trainer, args)
 
-    preempt = _install_preempt_handler(args.preempt_signal)
+    preempt = args.preempt
     watchdog = None
     if run.world_size > 1 and args.comm_timeout > 0:
         from mpmp.comm.mpi import MPI
@@ -309,9 +312,9 @@ def train(args, run: Run) -> int:
             stopped = True
             break
         if args.save and args.save_every and trainer.step % args.save_every == 0:
-            checkpoint.save(trainer, args.save)
+            checkpoint.save(trainer, args.save, keep_last=args.keep_last)
     if args.save and (stopped or not args.save_every or trainer.step % args.save_every):
-        checkpoint.save(trainer, args.save)
+        checkpoint.save(trainer, args.save, keep_last=args.keep_last)
     if watchdog:
         watchdog.stop()
     wall = time.perf_counter() - start
@@ -460,6 +463,13 @@ def _write_trace(grid, path, run):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
+    # First of all, so a preemption signal during start-up (a long checkpoint load after a requeue)
+    # is remembered instead of killing the rank.
+    try:
+        args.preempt = _install_preempt_handler(args.preempt_signal)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     run = Run(args)
     if run.world_size > 1:
         from mpmp.comm.mpi import abort_on_exception

@@ -301,3 +301,15 @@ def test_desync_report_names_the_odd_rank_out():
     assert (
         desync_report(states) == "desync: rank 3 is in all_gather #7 on group tp while its peers are in all_reduce #7"
     )
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_mixed_precision_resume_is_bit_identical_and_keep_last_prunes(tmp_path, dtype):
+    """fp32 master weights and the fp16 loss scale are part of the checkpoint."""
+    common = ["--dtype", dtype, "--save-every", "1", "--keep-last", "2"]
+    train(["--steps", "6", "--dtype", dtype, "--metrics", str(tmp_path / "whole.jsonl")])
+    train(["--steps", "3", *common, "--save", str(tmp_path / "ck"), "--metrics", str(tmp_path / "part.jsonl")])
+    assert sorted(p.name for p in (tmp_path / "ck").glob("step_*")) == ["step_00000002", "step_00000003"]
+    train(["--steps", "6", *common, "--resume", "auto", "--save", str(tmp_path / "ck"),
+           "--metrics", str(tmp_path / "part.jsonl")])  # fmt: skip
+    assert losses(tmp_path / "part.jsonl") == losses(tmp_path / "whole.jsonl")
