@@ -6,6 +6,8 @@ sizes, the average op, the ledger record, and a size-1 fast path that moves noth
 nothing. Peers are group ranks. Collectives on arrays are in place where the name says so.
 """
 
+import time
+
 import numpy
 
 from mpmp.backend import array_module, from_wire, to_wire
@@ -30,9 +32,12 @@ class Handle:
 
     def wait(self):
         if not self._done:
+            t0 = time.perf_counter()
             self._group._wait_all(self._requests)
             self._result = self._finish() if self._finish else None
-            self._group._record_end(self._token, self._peer, self._nbytes, self._dtype)
+            # the ledger's seconds: the time this rank was blocked here, not the time in flight
+            blocked = time.perf_counter() - t0
+            self._group._record_end(self._token, self._peer, self._nbytes, self._dtype, blocked)
             self._done = True
         return self._result
 
@@ -94,8 +99,8 @@ class Group:
     def _record_begin(self, kind):
         return _ledger.get().begin(kind, self.name)
 
-    def _record_end(self, token, peer, nbytes, dtype):
-        _ledger.get().end(token, self.size, peer, nbytes, _dtype_name(dtype))
+    def _record_end(self, token, peer, nbytes, dtype, blocked=None):
+        _ledger.get().end(token, self.size, peer, nbytes, _dtype_name(dtype), blocked)
 
     # ---- collectives ------------------------------------------------------------------------
     def all_reduce(self, x, op="sum", exact=False):

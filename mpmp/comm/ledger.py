@@ -1,6 +1,7 @@
 """The ledger: a record of every operation that crosses a process boundary.
 
-Always on, and cheap: per (kind, group) totals of count, bytes and seconds, and per group the sequence
+Always on, and cheap: per (kind, group) totals of count, bytes and seconds blocked (for non-blocking
+operations the time spent in wait(), so overlapped communication costs nothing), and per group the sequence
 number and kind of the last completed operation (what the hang watchdog prints). With
 `keep_events=True` (tests, `--trace`) every operation is also kept as an Event, so the bytes moved can
 be checked against their formula and drawn on a timeline (Chrome trace JSON, one track per rank).
@@ -85,13 +86,15 @@ class Ledger:
         self.in_flight[self._token] = (group, seq, kind, self.label, self.now())
         return self._token
 
-    def end(self, token: int, group_size: int, peer: int, nbytes: int, dtype: str) -> None:
+    def end(self, token: int, group_size: int, peer: int, nbytes: int, dtype: str, blocked: float | None = None):
+        """blocked: for a non-blocking operation, the seconds spent waiting for it (what the totals
+        count); its event still spans from start to completion."""
         group, seq, kind, label, start = self.in_flight.pop(token)
         stop = self.now()
         total = self.totals[(kind, group)]
         total[0] += 1
         total[1] += nbytes
-        total[2] += stop - start
+        total[2] += stop - start if blocked is None else blocked
         self.last_done[group] = (seq, kind, label)
         if self.keep_events:
             self.events.append(Event(kind, group, group_size, peer, nbytes, dtype, start, stop, seq, label))
