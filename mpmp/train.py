@@ -28,27 +28,16 @@ _LAUNCHER_VARS = (
 )
 
 
-def _positive(kind):
+def _number(kind, allow_zero):
+    """An argparse type: a number of `kind` that is positive (or, with allow_zero, not negative)."""
+
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, not {text}")
-        return value
-
-    return parse
-
-
-def _non_negative(kind):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must not be negative, not {text}")
+        if value < 0 or (value == 0 and not allow_zero):
+            raise argparse.ArgumentTypeError(f"must be {'non-negative' if allow_zero else 'positive'}, not {text}")
         return value
 
     return parse
@@ -60,7 +49,7 @@ def build_parser():
         description="Train GPT-2 with hand-written layers over MPI: tensor, pipeline and data parallelism.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    pi, ni, pf, nf = _positive(int), _non_negative(int), _positive(float), _non_negative(float)
+    pi, ni, pf, nf = _number(int, False), _number(int, True), _number(float, False), _number(float, True)
     g = p.add_argument_group("layout (dp = world size / (tp*pp))")
     g.add_argument("--tp", type=pi, default=None, help="tensor-parallel ranks (default: 2 on 4+ even ranks)")
     g.add_argument("--pp", type=pi, default=None, help="pipeline stages (default: 2 on 8+ ranks divisible by 4)")
