@@ -157,12 +157,11 @@ def _causal_mask(xp, t, dtype):
     return _masks[key]
 
 
-def _attention_probs(q, k):
-    xp = array_module(q)
-    scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]))
-    s = q @ k.swapaxes(-1, -2)
-    s *= scale
-    s += _causal_mask(xp, q.shape[-2], q.dtype)
+def _attention_probs(qs, k):
+    """softmax(qs k^T + causal mask) over the last axis, qs already scaled by 1/sqrt(hd)."""
+    xp = array_module(qs)
+    s = qs @ k.swapaxes(-1, -2)
+    s += _causal_mask(xp, qs.shape[-2], qs.dtype)
     s -= s.max(axis=-1, keepdims=True)
     xp.exp(s, out=s)
     s /= s.sum(axis=-1, keepdims=True)
@@ -172,29 +171,30 @@ def _attention_probs(q, k):
 def attention_forward(q, k, v, keep_probs=True):
     """q, k, v [B, H, T, hd] -> out [B, H, T, hd].
 
+    The scale 1/sqrt(hd) is applied to q (hd columns) rather than to the scores (T columns).
     keep_probs=False is selective recomputation (arXiv 2205.05198 §5): the [B, H, T, T] probabilities,
     the largest activation of a layer, are rebuilt from q and k in backward instead of kept.
     """
-    p = _attention_probs(q, k)
+    qs = q * q.dtype.type(1.0 / math.sqrt(q.shape[-1]))
+    p = _attention_probs(qs, k)
     out = p @ v
-    return out, (q, k, v, p if keep_probs else None)
+    return out, (qs, k, v, p if keep_probs else None)
 
 
 def attention_backward(dout, cache):
     """Returns dq, dk, dv for the upstream gradient dout [B, H, T, hd]."""
-    q, k, v, p = cache
+    qs, k, v, p = cache
     if p is None:
-        p = _attention_probs(q, k)
-    scale = q.dtype.type(1.0 / math.sqrt(q.shape[-1]))
+        p = _attention_probs(qs, k)
     dv = p.swapaxes(-1, -2) @ dout
     dp = dout @ v.swapaxes(-1, -2)
     # softmax backward: ds = p * (dp - sum(dp * p))
     rowdot = (dp * p).sum(axis=-1, keepdims=True)
     dp -= rowdot
     dp *= p
-    dp *= scale
     dq = dp @ k
-    dk = dp.swapaxes(-1, -2) @ q
+    dq *= qs.dtype.type(1.0 / math.sqrt(qs.shape[-1]))
+    dk = dp.swapaxes(-1, -2) @ qs
     return dq, dk, dv
 
 
