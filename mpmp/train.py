@@ -13,7 +13,7 @@ import time
 
 import numpy
 
-from mpmp import backend
+from mpmp import backend, report
 from mpmp.comm import ledger
 from mpmp.config import ModelConfig, ParallelConfig, TrainConfig
 from mpmp.errors import ConfigError, MpmpError
@@ -204,31 +204,11 @@ def train(args, run: Run) -> int:
 
     # ---- everything that needs no communication: checked identically on every rank -------------
     backend.use(args.backend, backend.local_rank())
-    init_cfg, init_arrays, resume_dir, opt_state = None, None, None, None
     if args.init_from and args.resume:
         raise ConfigError("--init-from and --resume exclude each other (a checkpoint already holds the weights)")
-    if args.resume:
-        resume_dir = _resume_dir(args)
-    if resume_dir:
-        manifest = checkpoint.read_manifest(resume_dir)
-        init_cfg = checkpoint.model_config_of(manifest)
-        if _given("--heads", args.argv) and args.heads != init_cfg.heads:
-            raise ConfigError(f"--heads {args.heads} disagrees with the checkpoint ({init_cfg.heads}); leave it out")
-        saved = manifest["config"]
-        for flag, mine, theirs in (
-            ("--seed", args.seed, saved["seed"]),
-            ("--data-order", args.data_order, manifest["data"]["order"]),
-            ("--global-batch", args.global_batch, saved["global_batch"]),
-            ("--seq-len", args.seq_len, saved["seq_len"]),
-        ):
-            if mine != theirs:
-                raise ConfigError(
-                    f"{flag} {mine} differs from the checkpoint's {theirs} in {resume_dir}; resume with {flag} {theirs}"
-                )
-        opt_state = checkpoint.optimizer_state(resume_dir, manifest)
-        # Mixed-precision checkpoints hold fp32 master weights: those are the parameters.
-        init_arrays = opt_state.get("master") or checkpoint.full_tensors(resume_dir, manifest)
-    elif args.init_from:
+    resume = _load_resume(args) if args.resume else None
+    init_cfg, init_arrays = (resume["model"], resume["params"]) if resume else (None, None)
+    if args.init_from:
         init_cfg, init_arrays = checkpoint.load_interchange(args.init_from, args.heads)
     tokens, data_vocab = load_tokens(args.data)
     cfg = make_config(args, run.world_size, data_vocab, init_cfg)
@@ -263,12 +243,13 @@ def train(args, run: Run) -> int:
         costs = tuple(float(c) for c in costs)
 
     trainer = Trainer(cfg, grid, data, source, unit_costs=costs)
-    if resume_dir:
-        checkpoint.restore_optimizer(trainer, opt_state)
-        trainer.scaler.load(manifest.get("loss_scaler") or trainer.scaler.state())
-        trainer.step = manifest["step"]
-        run.say(f"resumed from {resume_dir} at step {trainer.step}")
-    _banner(run, cfg, grid, trainer, args)
+    if resume:
+        checkpoint.restore_optimizer(trainer, resume["optimizer"])
+        trainer.scaler.load(resume["manifest"].get("loss_scaler") or trainer.scaler.state())
+        trainer.step = resume["manifest"]["step"]
+        run.say(f"resumed from {resume['dir']} at step {trainer.step}")
+    if not args.quiet:
+        run.say(report.banner(cfg, grid, trainer, args.data or "built-in corpus"))
 
     preempt = args.preempt
     watchdog = None
@@ -287,12 +268,11 @@ def train(args, run: Run) -> int:
         m = trainer.train_step(stop_requested=preempt.is_set())
         history.append(m)
         if metrics_file:
-            keys = ("step", "loss", "grad_norm", "lr", "step_s", "tokens_per_s", "comm_s", "loss_scale", "skipped")
-            line = {k: m[k] for k in keys} | trainer.memory()  # rank 0's bytes
+            line = {k: m[k] for k in METRICS} | trainer.memory()  # rank 0's bytes
             metrics_file.write(json.dumps(line) + "\n")
             metrics_file.flush()
         if m["step"] % log_every == 0 or m["step"] in (1, cfg.steps):
-            run.say(_progress(m, cfg.steps))
+            run.say(report.progress(m, cfg.steps))
         if m["skipped"]:
             run.say(
                 f"step {m['step']}: gradients overflowed in fp16: update skipped, loss scale {m['loss_scale']:g} -> {trainer.scaler.scale:g}"
@@ -309,9 +289,11 @@ def train(args, run: Run) -> int:
     wall = time.perf_counter() - start
     if metrics_file:
         metrics_file.close()
-    _summary(run, grid, trainer, history, wall)
+    text = report.summary(grid, trainer, history, wall, run.is_main)
+    if text and run.is_main:
+        print(text, flush=True)
     if args.trace:
-        _write_trace(grid, args.trace, run)
+        run.say(report.write_trace(grid, args.trace, run.is_main))
     if stopped:
         where = f"checkpoint saved in {args.save}" if args.save else "no --save given, nothing saved"
         run.say(f"preempted at step {trainer.step}: {where}; exit code {EXIT_PREEMPTED} asks the job to requeue")
@@ -320,6 +302,7 @@ def train(args, run: Run) -> int:
 
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped early on request, state saved, run again to continue
+METRICS = ("step", "loss", "grad_norm", "lr", "step_s", "tokens_per_s", "comm_s", "loss_scale", "skipped")
 
 
 def _install_preempt_handler(name):
@@ -335,118 +318,46 @@ def _install_preempt_handler(name):
     return event
 
 
-def _resume_dir(args):
-    """The step directory to resume from; None for --resume auto with nothing saved yet."""
+def _load_resume(args):
+    """The checkpoint to resume from, checked against the flags: {"dir", "manifest", "model",
+    "params", "optimizer"}; None for --resume auto with nothing saved yet (a first start)."""
     from mpmp import checkpoint
     from mpmp.errors import CheckpointError
 
     if args.resume != "auto":
-        return checkpoint.resolve(args.resume)
-    if not args.save:
+        step_dir = checkpoint.resolve(args.resume)
+    elif not args.save:
         raise ConfigError("--resume auto needs --save DIR (it resumes from the newest checkpoint there)")
-    try:
-        return checkpoint.resolve(args.save)
-    except CheckpointError:
-        return None  # first start of a job that may be requeued later: nothing to resume yet
+    else:
+        try:
+            step_dir = checkpoint.resolve(args.save)
+        except CheckpointError:
+            return None
+    manifest = checkpoint.read_manifest(step_dir)
+    model = checkpoint.model_config_of(manifest)
+    if _given("--heads", args.argv) and args.heads != model.heads:
+        raise ConfigError(f"--heads {args.heads} disagrees with the checkpoint ({model.heads}); leave it out")
+    saved = manifest["config"]
+    for flag, mine, theirs in (
+        ("--seed", args.seed, saved["seed"]),
+        ("--data-order", args.data_order, manifest["data"]["order"]),
+        ("--global-batch", args.global_batch, saved["global_batch"]),
+        ("--seq-len", args.seq_len, saved["seq_len"]),
+    ):
+        if mine != theirs:
+            raise ConfigError(
+                f"{flag} {mine} differs from the checkpoint's {theirs} in {step_dir}; resume with {flag} {theirs}"
+            )
+    optimizer = checkpoint.optimizer_state(step_dir, manifest)
+    # Mixed-precision checkpoints hold fp32 master weights: those are the parameters.
+    params = optimizer.get("master") or checkpoint.full_tensors(step_dir, manifest)
+    return {"dir": step_dir, "manifest": manifest, "model": model, "params": params, "optimizer": optimizer}
 
 
 def _check_writable(path, flag):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ConfigError(f"{flag} {path}: folder {folder} does not exist")
-
-
-def _banner(run, cfg, grid, trainer, args):
-    from mpmp.comm import mpi
-    from mpmp.pipeline.partition import describe
-
-    if not run.is_main or args.quiet:
-        return
-    mc, par = cfg.model, cfg.parallel
-    print(grid.describe())
-    print(
-        f"model: GPT-2 V={mc.vocab} S={mc.seq_len} D={mc.d_model} L={mc.layers} H={mc.heads}, "
-        f"{mc.num_params():,} parameters; data: {args.data or 'built-in corpus'} "
-        f"({trainer.data.num_sequences} sequences of {cfg.seq_len})"
-    )
-    print(
-        f"schedule: {par.schedule}, {par.micro_batches} micro-batches of {trainer.micro_batch}"
-        + (f", {par.virtual_stages} virtual stages" if par.virtual_stages > 1 else "")
-        + f"; partition ({par.partition}):"
-    )
-    print(describe(trainer.split, par.pp, par.virtual_stages, mc))
-    extras = [
-        f"sequence parallel {'on' if par.sequence_parallel else 'off'}",
-        f"ZeRO-{par.zero}",
-        f"recompute {par.recompute}",
-    ]
-    where = "CUDA-aware MPI" if backend.name() == "cupy" and mpi.cuda_aware() else "host buffers"
-    print(f"backend: {backend.name()} ({where}), BLAS threads per rank: {backend.blas_threads()}; " + ", ".join(extras))
-    mem = trainer.memory()
-    print(
-        "memory (rank 0): "
-        + ", ".join(f"{k.replace('_bytes', '')} {v / 2**20:.2f} MiB" for k, v in mem.items() if k != "activation_bytes")
-        + " (activations: after the first step, in the summary)"
-    )
-
-
-def _progress(m, total):
-    width = 24
-    done = int(width * m["step"] / total)
-    bar = "#" * done + "." * (width - done)
-    return (
-        f"[{bar}] step {m['step']:>5}/{total}  loss {m['loss']:.4f}  grad norm {m['grad_norm']:.3f}  "
-        f"lr {m['lr']:.2e}  {m['step_s'] * 1e3:.0f} ms  {m['tokens_per_s']:,.0f} tok/s"
-    )
-
-
-def _summary(run, grid, trainer, history, wall):
-    rows = ledger.get().summary_rows()
-    # Every rank's totals, so rank 0 can print bytes by kind and group for the whole job.
-    payload = numpy.frombuffer(json.dumps(rows).encode(), dtype=numpy.uint8)
-    sizes = grid.world.all_gather(numpy.array([payload.size], dtype=numpy.int64)).tolist()
-    everything = grid.world.all_gather(payload, sizes=sizes)
-    mem = trainer.memory()
-    mems = grid.world.all_gather(
-        numpy.array(
-            [[mem[k] for k in ("param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes")]], dtype=numpy.int64
-        )
-    )
-    if not run.is_main or not history:
-        return
-    totals, offset = {}, 0
-    for n in sizes:
-        for kind, group, count, nbytes, secs in json.loads(bytes(everything[offset : offset + n])):
-            t = totals.setdefault((kind, group), [0, 0, 0.0])
-            t[0] += count
-            t[1] += nbytes
-            t[2] += secs
-        offset += n
-    steady = history[1:] or history
-    tok_s = sum(h["tokens_per_s"] for h in steady) / len(steady)
-    first, last = history[0]["loss"], history[-1]["loss"]
-    print(f"summary: loss {first:.4f} -> {last:.4f} over {len(history)} steps in {wall:.1f} s; {tok_s:,.0f} tokens/s")
-    print("memory per rank (MiB: parameters / gradients / optimizer state / peak activation caches):")
-    for r, (p, g, o, a) in enumerate(mems.tolist()):
-        print(f"  rank {r}: {p / 2**20:.2f} / {g / 2**20:.2f} / {o / 2**20:.2f} / {a / 2**20:.2f}")
-    if totals:
-        rows = sorted(((k, g, c, b, s) for (k, g), (c, b, s) in totals.items()), key=lambda r: (r[1], r[0]))
-        print(ledger.format_summary(rows, "communication, all ranks"))
-
-
-def _write_trace(grid, path, run):
-    events = ledger.get().chrome_events()
-    payload = numpy.frombuffer(json.dumps(events).encode(), dtype=numpy.uint8)
-    sizes = grid.world.all_gather(numpy.array([payload.size], dtype=numpy.int64)).tolist()
-    everything = grid.world.all_gather(payload, sizes=sizes)
-    if run.is_main:
-        per_rank, offset = [], 0
-        for n in sizes:
-            per_rank.append(json.loads(bytes(everything[offset : offset + n])))
-            offset += n
-        with open(path, "w") as f:
-            f.write(ledger.chrome_trace(per_rank))
-        print(f"trace: {path} ({sum(len(e) for e in per_rank)} events; open in https://ui.perfetto.dev)")
 
 
 def main(argv=None) -> int:

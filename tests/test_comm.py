@@ -333,3 +333,10 @@ def test_exception_on_one_rank_aborts_the_whole_job_with_its_message(tmp_path):
     assert proc.returncode != 0
     assert time.time() - start < 30
     assert "rank 1: RuntimeError: boom on purpose" in proc.stderr
+
+
+@pytest.mark.mpi(min_size=2)
+def test_all_gather_json_returns_every_members_object_in_order(grid):
+    for group in groups(grid):
+        got = group.all_gather_json({"rank": grid.rank, "payload": "x" * grid.rank})
+        assert got == [{"rank": r, "payload": "x" * r} for r in group.ranks]

@@ -184,6 +184,22 @@ class Group:
             out /= self.size
         return _from_front(out, axis)
 
+    def all_gather_json(self, obj) -> list:
+        """Every member's JSON-serialisable obj, in group order: its bytes travel in uint8 buffers
+        (two all-gathers: the lengths, then the bytes), never pickled."""
+        import json
+
+        if self.size == 1:
+            return [obj]
+        payload = numpy.frombuffer(json.dumps(obj).encode(), dtype=numpy.uint8)
+        sizes = self.all_gather(numpy.array([payload.size], dtype=numpy.int64)).tolist()
+        gathered = self.all_gather(payload, sizes=sizes)
+        out, offset = [], 0
+        for n in sizes:
+            out.append(json.loads(bytes(gathered[offset : offset + n])))
+            offset += n
+        return out
+
     def broadcast(self, x, root=0):
         """In place from group rank root; returns x."""
         if self.size == 1:
