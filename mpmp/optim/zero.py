@@ -9,7 +9,7 @@ bytes as data parallelism's all-reduce (2Ψ(dp-1)/dp per rank) while optimizer m
 
 import numpy
 
-from mpmp.backend import round_to
+from mpmp.backend import array_module, round_to
 from mpmp.optim import clip
 from mpmp.optim.adamw import AdamW, runs
 
@@ -40,7 +40,7 @@ class Optimizer:
             AdamW(m, flat.decay_mask[lo:hi], betas, eps, weight_decay) for m, (lo, hi) in zip(self.masters, self.ranges)
         ]
         # the runs of parameters this rank counts in the global norm, clipped to its ranges
-        self._norm_scratch = numpy.empty(1 << 16, dtype=numpy.float64)
+        self._norm_scratch = array_module(flat.grad).empty(1 << 16, dtype="float64")
         counted = runs(flat.norm_mask)
         self.norm_runs = [(max(a, lo), min(b, hi)) for lo, hi in self.ranges for a, b in counted if a < hi and b > lo]
 
