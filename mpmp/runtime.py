@@ -23,7 +23,7 @@ from mpmp.optim.loss_scale import DynamicLossScaler, NoLossScaling
 from mpmp.optim.lr import learning_rate
 from mpmp.optim.zero import Optimizer
 from mpmp.pipeline import partition, schedules
-from mpmp.pipeline.engine import PipelineEngine
+from mpmp.pipeline.engine import MAX_TAGS, PipelineEngine
 
 RECOMPUTE = ("none", "selective", "full")
 
@@ -36,6 +36,11 @@ def validate(cfg: TrainConfig, world_size: int | None = None):
     model.validate(par.tp)
     validate_batch(cfg.global_batch, par.dp, par.micro_batches, cfg.seq_len, model)
     schedules.validate(par.schedule, par.pp, par.micro_batches, par.virtual_stages)
+    if par.micro_batches * par.pp * par.virtual_stages * 2 > MAX_TAGS:
+        raise ConfigError(
+            f"micro-batches * pp * virtual-stages ({par.micro_batches}*{par.pp}*{par.virtual_stages}) exceeds "
+            f"{MAX_TAGS // 2}: pipeline messages would run out of MPI tags"
+        )
     if par.recompute not in RECOMPUTE:
         raise ConfigError(f"--recompute must be one of {', '.join(RECOMPUTE)}, not {par.recompute!r}")
     if par.zero not in (0, 1):

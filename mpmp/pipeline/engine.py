@@ -12,6 +12,8 @@ from mpmp.comm import ledger
 from mpmp.nn.layers import run_weight_grads
 from mpmp.pipeline import schedules as S
 
+MAX_TAGS = 32768  # the tag range every MPI library offers (MPI_TAG_UB >= 32767)
+
 
 class PipelineEngine:
     def __init__(self, model, pp_group, pp: int, stage: int, virtual_stages: int, act_shape, act_dtype,
@@ -26,7 +28,8 @@ class PipelineEngine:
         self.n_vs = pp * virtual_stages
 
     def _tag(self, mb, receiver_vs, backward):
-        return ((mb * self.n_vs + receiver_vs) * 2 + int(backward)) % 32767
+        """A tag unique to each message of a step (MPI guarantees tags up to 32767: see MAX_TAGS)."""
+        return (mb * self.n_vs + receiver_vs) * 2 + int(backward)
 
     def run(self, program, microbatches, reduce_grads=None, optimizer_step=None):
         """Execute; returns the sum of this rank's micro-batch losses (non-zero on the last stage)."""
