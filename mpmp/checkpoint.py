@@ -160,11 +160,21 @@ def read_manifest(step_dir: str) -> dict:
 
 
 def resolve(path: str) -> str:
-    """A step directory from a checkpoint root (its newest complete step) or a step directory."""
+    """A step directory from a checkpoint root (the one `latest` names, else its newest complete
+    step) or a step directory."""
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     if os.path.exists(os.path.join(path, "manifest.json")):
         return path
+    try:
+        with open(os.path.join(path, "latest")) as f:
+            named = os.path.join(path, f.read().strip())
+        if re.fullmatch(r"step_\d{8}", os.path.basename(named)) and os.path.exists(
+            os.path.join(named, "manifest.json")
+        ):
+            return named
+    except OSError:
+        pass
     steps = sorted(d for d in os.listdir(path) if re.fullmatch(r"step_\d{8}", d))
     for d in reversed(steps):
         if os.path.exists(os.path.join(path, d, "manifest.json")):
@@ -217,8 +227,16 @@ def full_tensors(step_dir: str, manifest=None, names=None) -> dict:
 
 
 def save(trainer, root: str, extra: dict | None = None, keep_last: int = 0) -> str:
-    """Every rank writes its shard of step trainer.step; rank 0 writes the manifest last, then (with
-    keep_last = N > 0) removes all but the newest N complete checkpoints. Collective."""
+    """Every rank writes its shard of step trainer.step; rank 0 writes the manifest last, then removes
+    checkpoints of later steps (left by a run this one resumed before) and, with keep_last = N > 0,
+    all but the newest N. Collective. A file that cannot be written raises CheckpointError."""
+    try:
+        return _save(trainer, root, extra, keep_last)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write checkpoint in {root}: {exc.strerror or exc} ({exc.filename})") from None
+
+
+def _save(trainer, root, extra, keep_last):
     from mpmp.backend import to_numpy
 
     grid, step = trainer.grid, trainer.step
@@ -278,18 +296,21 @@ def save(trainer, root: str, extra: dict | None = None, keep_last: int = 0) -> s
         os.replace(partial, final)
         _fsync_dir(root)
         atomic_write_bytes(os.path.join(root, "latest"), (step_dir_name(step) + "\n").encode())
-        if keep_last > 0:
-            _prune(root, keep_last)
+        _prune(root, step, keep_last)
     grid.world.barrier()
     return final
 
 
-def _prune(root: str, keep: int):
-    """Remove complete step directories beyond the newest `keep` (never the one just written)."""
+def _prune(root: str, step: int, keep: int):
+    """After writing `step`: remove step directories after it (an abandoned future: this run resumed
+    from an earlier checkpoint) and, with keep > 0, all but the newest `keep` up to it."""
     import shutil
 
-    done = sorted(d for d in os.listdir(root) if re.fullmatch(r"step_\d{8}", d))
-    for d in done[:-keep]:
+    steps = sorted(d for d in os.listdir(root) if re.fullmatch(r"step_\d{8}", d))
+    stale = [d for d in steps if int(d[5:]) > step]
+    kept = [d for d in steps if int(d[5:]) <= step]
+    stale += kept[:-keep] if keep > 0 else []
+    for d in stale:
         shutil.rmtree(os.path.join(root, d), ignore_errors=True)
 
 
@@ -365,8 +386,12 @@ def restore_optimizer(trainer, state: dict):
 
 
 def export(ckpt: str, out_path: str) -> str:
+    """The checkpoint's weights as an interchange file: the fp32 master weights when the run was in
+    mixed precision (the same numbers --resume continues from), else the parameters."""
     step_dir = resolve(ckpt)
-    save_interchange(out_path, full_tensors(step_dir))
+    manifest = read_manifest(step_dir)
+    masters = optimizer_state(step_dir, manifest).get("master")
+    save_interchange(out_path, masters or full_tensors(step_dir, manifest))
     return step_dir
 
 

@@ -26,9 +26,14 @@ class ModelConfig:
         """Pipeline units: the embedding, the L blocks, the head (ln_f + tied output + loss)."""
         return self.layers + 2
 
+    @property
+    def block_params(self) -> int:
+        """One transformer block: c_attn 3D^2+3D, c_proj D^2+D, c_fc 4D^2+4D, c_proj 4D^2+D, 2 LayerNorms 4D."""
+        return 12 * self.d_model**2 + 13 * self.d_model
+
     def num_params(self, include_wpe=True) -> int:
-        d, layer = self.d_model, 12 * self.d_model**2 + 13 * self.d_model
-        n = self.vocab * d + self.layers * layer + 2 * d
+        d = self.d_model
+        n = self.vocab * d + self.layers * self.block_params + 2 * d
         return n + (self.seq_len * d if include_wpe else 0)
 
     def flops_per_token(self, seq_len: int) -> int:
@@ -68,7 +73,7 @@ class TrainConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     global_batch: int = 16
     seq_len: int = 128
-    steps: int = 200
+    steps: int = 150
     lr: float = 3e-3
     min_lr: float = 0.0
     lr_schedule: str = "constant"

@@ -41,6 +41,8 @@ def validate(cfg: TrainConfig, world_size: int | None = None):
             f"micro-batches * pp * virtual-stages ({par.micro_batches}*{par.pp}*{par.virtual_stages}) exceeds "
             f"{MAX_TAGS // 2}: pipeline messages would run out of MPI tags"
         )
+    if par.partition not in partition.METHODS:
+        raise ConfigError(f"--partition must be one of {', '.join(partition.METHODS)}, not {par.partition!r}")
     if par.recompute not in RECOMPUTE:
         raise ConfigError(f"--recompute must be one of {', '.join(RECOMPUTE)}, not {par.recompute!r}")
     if par.zero not in (0, 1):
@@ -104,7 +106,7 @@ class Trainer:
         self.program = self.programs[grid.coord.pp]
         s_local = cfg.seq_len // par.tp if par.sequence_parallel else cfg.seq_len
         self.engine = PipelineEngine(
-            self.model, grid.pp_group, par.pp, grid.coord.pp, par.virtual_stages,
+            self.model, grid.pp_group, par.pp, grid.coord.pp, (grid.prev_stage, grid.next_stage), par.virtual_stages,
             (self.micro_batch, s_local, mcfg.d_model), numpy.float32,
             grads_final=lambda chunk, module: self.reducer.module_done(module),
         )  # fmt: skip

@@ -79,8 +79,8 @@ def build_parser():
     t.add_argument("--warmup-steps", type=ni, default=0, help="linear warmup steps")
     t.add_argument("--min-lr", type=nf, default=0.0, help="final learning rate of the cosine schedule")
     t.add_argument("--weight-decay", type=nf, default=0.1, help="AdamW decoupled weight decay (2-D tensors)")
-    t.add_argument("--beta1", type=nf, default=0.9)
-    t.add_argument("--beta2", type=nf, default=0.95)
+    t.add_argument("--beta1", type=nf, default=0.9, help="AdamW's first-moment decay")
+    t.add_argument("--beta2", type=nf, default=0.95, help="AdamW's second-moment decay")
     t.add_argument("--clip", type=nf, default=1.0, help="clip the global gradient norm (0 = off)")
     t.add_argument("--seed", type=int, default=1234, help="initialisation and shuffling seed")
     t.add_argument(
@@ -216,10 +216,11 @@ def train(args, run: Run) -> int:
     learning_rate(0, cfg.lr, cfg.lr_schedule)  # validates the schedule name
     data = TokenData(tokens, cfg.seq_len, cfg.model.vocab, args.data_order, cfg.seed, args.data or "built-in corpus")
     source = init_arrays.__getitem__ if init_arrays is not None else random_source(cfg.model, cfg.seed)
-    if args.metrics and run.is_main:
-        _check_writable(args.metrics, "--metrics")
-    if args.trace and run.is_main:
-        _check_writable(args.trace, "--trace")
+    for flag, path in (("--metrics", args.metrics), ("--trace", args.trace)):
+        if path:
+            _check_writable(os.path.dirname(os.path.abspath(path)), flag)
+    if args.save:
+        _check_writable(args.save, "--save", create=True)
 
     # ---- the grid (first collectives) ------------------------------------------------------------
     par = cfg.parallel
@@ -259,7 +260,8 @@ def train(args, run: Run) -> int:
 
         watchdog = Watchdog(MPI().COMM_WORLD, args.comm_timeout).start()
 
-    metrics_file = open(args.metrics, "a" if args.resume else "w") if args.metrics and run.is_main else None
+    # a resumed run appends to its metrics; a fresh start (also --resume auto with nothing saved) does not
+    metrics_file = open(args.metrics, "a" if resume else "w") if args.metrics and run.is_main else None
     history = []
     log_every = args.log_every or max(1, cfg.steps // 15)
     start = time.perf_counter()
@@ -354,10 +356,17 @@ def _load_resume(args):
     return {"dir": step_dir, "manifest": manifest, "model": model, "params": params, "optimizer": optimizer}
 
 
-def _check_writable(path, flag):
-    folder = os.path.dirname(os.path.abspath(path))
+def _check_writable(folder, flag, create=False):
+    """Fail before training, not after it, when an output folder cannot be written."""
+    if create:
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"{flag} {folder}: cannot create the folder ({exc.strerror or exc})") from None
     if not os.path.isdir(folder):
-        raise ConfigError(f"{flag} {path}: folder {folder} does not exist")
+        raise ConfigError(f"{flag}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"{flag}: folder {folder} is not writable")
 
 
 def main(argv=None) -> int:

@@ -44,7 +44,7 @@ def test_sleep_model_runs_every_schedule_on_one_process_with_the_expected_loss()
     for schedule in ("gpipe", "1f1b", "zb-h1"):
         model = bench.SleepModel(pp=1, stage=0, v=1, unit_s=unit)
         assert [(c.is_first, c.is_last) for c in model.chunks] == [(True, True)]
-        engine = PipelineEngine(model, SelfGroup("pp"), 1, 0, 1, bench.ACT_SHAPE, bench.ACT_DTYPE)
+        engine = PipelineEngine(model, SelfGroup("pp"), 1, 0, (0, 0), 1, bench.ACT_SHAPE, bench.ACT_DTYPE)
         t = time.perf_counter()
         loss = engine.run(S.build(schedule, 1, m, 0), list(range(m)))
         assert time.perf_counter() - t >= 3 * m * unit

@@ -313,3 +313,52 @@ def test_mixed_precision_resume_is_bit_identical_and_keep_last_prunes(tmp_path, 
     train(["--steps", "6", *common, "--resume", "auto", "--save", str(tmp_path / "ck"),
            "--metrics", str(tmp_path / "part.jsonl")])  # fmt: skip
     assert losses(tmp_path / "part.jsonl") == losses(tmp_path / "whole.jsonl")
+
+
+def test_resuming_from_an_older_checkpoint_drops_the_abandoned_later_ones(tmp_path):
+    from mpmp import checkpoint
+
+    ck = tmp_path / "ck"
+    train(["--steps", "4", "--save", str(ck), "--save-every", "2"])
+    train(["--steps", "3", "--resume", str(ck / "step_00000002"), "--save", str(ck), "--keep-last", "1"])
+    assert sorted(p.name for p in ck.glob("step_*")) == ["step_00000003"]
+    assert (ck / "latest").read_text().strip() == "step_00000003"
+    assert checkpoint.resolve(str(ck)).endswith("step_00000003")
+
+
+def test_an_unwritable_save_folder_is_refused_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    proc = train(["--steps", "2", "--save", str(blocker / "ck")], check=False)
+    assert_one_line_error(proc, "--save", "cannot create the folder")
+    assert "step" not in proc.stdout
+
+
+def test_export_of_a_mixed_precision_run_gives_its_fp32_master_weights(tmp_path):
+    from mpmp import checkpoint
+
+    ck = tmp_path / "ck"
+    train(["--steps", "3", "--dtype", "bf16", "--save", str(ck)])
+    checkpoint.export(str(ck), str(tmp_path / "out.npz"))
+    _, exported = checkpoint.load_interchange(str(tmp_path / "out.npz"), heads=4)
+    masters = checkpoint.optimizer_state(checkpoint.resolve(str(ck)))["master"]
+    for name, value in masters.items():
+        numpy.testing.assert_array_equal(exported[name], value, err_msg=name)
+    rounded = checkpoint.full_tensors(checkpoint.resolve(str(ck)))
+    assert any(not numpy.array_equal(rounded[n], masters[n]) for n in masters)
+
+
+def test_the_watchdog_ignores_sends_in_flight_and_watches_waits():
+    """A send posted early and waited for at the end of a step is not a hang; waiting for it is."""
+    from mpmp.comm import ledger
+
+    led = ledger.Ledger()
+    send = led.begin("send", "pp", blocking=False)
+    coll = led.begin("all_reduce", "tp")
+    assert list(led.blocked) == [coll]
+    led.end(coll, 2, -1, 8, "float32")
+    assert not led.blocked
+    led.wait_start(send)
+    assert list(led.blocked) == [send]
+    led.end(send, 2, 1, 8, "float32", blocked=0.0)
+    assert not led.blocked and not led.in_flight

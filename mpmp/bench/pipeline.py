@@ -152,7 +152,9 @@ class _Case:
         self.schedule, self.grid, self.m, self.v, self.unit_s = schedule, grid, m, v, unit_s
         self.program = S.build(schedule, grid.pp, m, grid.stage, v)
         model = SleepModel(grid.pp, grid.stage, v, unit_s)
-        self.engine = PipelineEngine(model, group, grid.pp, grid.stage, v, ACT_SHAPE, ACT_DTYPE)
+        self.engine = PipelineEngine(
+            model, group, grid.pp, grid.stage, (grid.prev_stage, grid.next_stage), v, ACT_SHAPE, ACT_DTYPE
+        )
 
     def step(self):
         """One step from a barrier; rank 0 gets every rank's (start, end, compute spans), others None."""

@@ -32,6 +32,7 @@ class Handle:
 
     def wait(self):
         if not self._done:
+            _ledger.get().wait_start(self._token)
             t0 = time.perf_counter()
             self._group._wait_all(self._requests)
             self._result = self._finish() if self._finish else None
@@ -96,8 +97,8 @@ class Group:
         pass
 
     # ---- ledger ---------------------------------------------------------------------------
-    def _record_begin(self, kind):
-        return _ledger.get().begin(kind, self.name)
+    def _record_begin(self, kind, blocking=True):
+        return _ledger.get().begin(kind, self.name, blocking)
 
     def _record_end(self, token, peer, nbytes, dtype, blocked=None):
         _ledger.get().end(token, self.size, peer, nbytes, _dtype_name(dtype), blocked)
@@ -128,14 +129,12 @@ class Group:
         _check_op(op)
         if self.size == 1:
             return _Done(x)
-        token = self._record_begin("iall_reduce")
+        token = self._record_begin("iall_reduce", blocking=False)
         requests = self._iall_reduce(x, "sum" if op == "avg" else op)
 
         def finish():
             if op == "avg":
-                numpy.divide(x, self.size, out=x, casting="unsafe") if isinstance(x, numpy.ndarray) else x.__itruediv__(
-                    self.size
-                )
+                array_module(x).divide(x, self.size, out=x)
             return x
 
         return Handle(self, token, requests, finish, x.nbytes, x.dtype)
@@ -219,7 +218,7 @@ class Group:
     def isend(self, x, peer, tag=0) -> Handle:
         fmt = self._format(x, False)
         payload = to_wire(x, fmt) if fmt else x  # the handle keeps the payload alive until wait()
-        token = self._record_begin("send")
+        token = self._record_begin("send", blocking=False)
         handle = Handle(self, token, self._isend(payload, peer, tag), None, payload.nbytes, fmt or x.dtype, peer)
         handle.payload = payload
         return handle
@@ -232,7 +231,7 @@ class Group:
             finish = lambda: from_wire(buf, fmt, out=out)  # noqa: E731
         else:
             buf, finish = out, lambda: out  # noqa: E731
-        token = self._record_begin("recv")
+        token = self._record_begin("recv", blocking=False)
         return Handle(self, token, self._irecv(buf, peer, tag), finish, buf.nbytes, fmt or out.dtype, peer)
 
     def send(self, x, peer, tag=0):
@@ -294,8 +293,3 @@ def _from_front(x, axis):
         return x
     xp = array_module(x)
     return xp.ascontiguousarray(xp.moveaxis(x, 0, axis))
-
-
-def numpy_op(op):
-    """The NumPy reduction matching an op name (for local references in tests and transports)."""
-    return {"sum": numpy.add, "avg": numpy.add, "max": numpy.maximum, "min": numpy.minimum}[op]

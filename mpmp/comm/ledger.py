@@ -61,6 +61,7 @@ class Ledger:
         self.seq = defaultdict(int)  # group -> operations started
         self.last_done: dict[str, tuple[int, str, str]] = {}  # group -> (seq, kind, label) completed
         self.in_flight: dict[int, tuple] = {}  # token -> (group, seq, kind, label, started)
+        self.blocked: dict[int, tuple] = {}  # the subset this rank is waiting in -> (..., waiting since)
         self.label = ""
         self._t0_wall = time.time()
         self._t0 = time.perf_counter()
@@ -78,18 +79,27 @@ class Ledger:
         finally:
             self.label = previous
 
-    def begin(self, kind: str, group: str) -> int:
-        """Mark an operation as started; returns a token for end()."""
+    def begin(self, kind: str, group: str, blocking: bool = True) -> int:
+        """Mark an operation as started; returns a token for end(). A non-blocking operation counts as
+        blocked (what the watchdog watches) only from wait_start()."""
         self._token += 1
         seq = self.seq[group]
         self.seq[group] = seq + 1
-        self.in_flight[self._token] = (group, seq, kind, self.label, self.now())
+        self.in_flight[self._token] = entry = (group, seq, kind, self.label, self.now())
+        if blocking:
+            self.blocked[self._token] = entry
         return self._token
+
+    def wait_start(self, token: int):
+        """The rank now waits for a non-blocking operation."""
+        group, seq, kind, label, _ = self.in_flight[token]
+        self.blocked[token] = (group, seq, kind, label, self.now())
 
     def end(self, token: int, group_size: int, peer: int, nbytes: int, dtype: str, blocked: float | None = None):
         """blocked: for a non-blocking operation, the seconds spent waiting for it (what the totals
         count); its event still spans from start to completion."""
         group, seq, kind, label, start = self.in_flight.pop(token)
+        self.blocked.pop(token, None)
         stop = self.now()
         total = self.totals[(kind, group)]
         total[0] += 1

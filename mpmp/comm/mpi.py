@@ -82,13 +82,14 @@ class _Staged:
     """A buffer as MPI sees it: the array itself, or a host copy for device arrays without CUDA-aware
     MPI. `back()` copies a staged receive buffer to the device array."""
 
-    def __init__(self, a, copy_in=True):
+    def __init__(self, a, copy_in=True, host=False):
+        """host=True: stage even with CUDA-aware MPI (our Python reduction ops read host memory)."""
         self.array = a
         if is_device_array(a):
             import cupy
 
             cupy.cuda.get_current_stream().synchronize()
-            if cuda_aware():
+            if cuda_aware() and not host:
                 self.buf = a
             else:
                 self.buf = a.get() if copy_in else numpy.empty(a.shape, dtype=a.dtype)
@@ -113,14 +114,14 @@ class MPIGroup(Group):
     def _all_reduce(self, buf, op):
         if not buf.flags.c_contiguous:
             raise ValueError("all_reduce works in place and needs a contiguous array")
-        s = _Staged(buf)
+        s = _Staged(buf, host=":" in op)
         self.comm.Allreduce(MPI().IN_PLACE, s.buf, op=_op(op))
         s.back()
 
     def _iall_reduce(self, buf, op):
         if not buf.flags.c_contiguous:
             raise ValueError("iall_reduce works in place and needs a contiguous array")
-        s = _Staged(buf)
+        s = _Staged(buf, host=":" in op)
         return [(self.comm.Iallreduce(MPI().IN_PLACE, s.buf, op=_op(op)), s)]
 
     def _all_gather(self, send, recv, counts):
@@ -135,7 +136,7 @@ class MPIGroup(Group):
         r.back()
 
     def _reduce_scatter(self, send, recv, counts, op):
-        s, r = _Staged(send), _Staged(recv, copy_in=False)
+        s, r = _Staged(send, host=":" in op), _Staged(recv, copy_in=False, host=":" in op)
         row = math.prod(send.shape[1:])
         self.comm.Reduce_scatter(s.buf, r.buf, [c * row for c in counts], op=_op(op))
         r.back()

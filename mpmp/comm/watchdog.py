@@ -1,7 +1,8 @@
 """Hang watchdog: turn a stuck communication into a message and an abort instead of a silent hang.
 
-A daemon thread looks at the ledger's operations in flight. When one has waited longer than the
-timeout, the rank prints what it is waiting for and the last completed operation (sequence number,
+A daemon thread looks at the operations this rank is blocked in (a collective, or the wait() of a
+non-blocking one: a send left in flight while the rank computes is not a hang). When one has waited
+longer than the timeout, the rank prints what it is waiting for and the last completed operation (sequence number,
 kind, model scope) of every group. The ranks then compare notes over a communicator of their own,
 with a bounded wait: a rank whose operation in some group differs from its peers' (another kind or
 another sequence number) is named as desynchronised. Then the job is aborted.
@@ -36,7 +37,7 @@ class Watchdog:
     def _oldest(self):
         led = _ledger.get()
         now = led.now()
-        items = list(led.in_flight.values())
+        items = list(led.blocked.values())
         if not items:
             return None
         group, seq, kind, label, started = min(items, key=lambda it: it[4])

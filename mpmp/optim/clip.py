@@ -17,14 +17,14 @@ def local_sq_norm(grad, runs, scratch=None) -> float:
     xp = array_module(grad)
     chunk = 1 << 16
     scratch = xp.empty(chunk, dtype=xp.float64) if scratch is None else scratch
-    total = 0.0
+    total = 0.0  # stays on the device until the end (one synchronisation on GPUs)
     for lo, hi in runs:
         for a in range(lo, hi, chunk):
             b = min(a + chunk, hi)
             t = scratch[: b - a]
             xp.multiply(grad[a:b], grad[a:b], out=t, dtype=xp.float64)
-            total += float(t.sum())
-    return total
+            total = total + t.sum()
+    return float(total)
 
 
 def all_reduce_norm(local_sq: float, groups) -> float:

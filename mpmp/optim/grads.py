@@ -3,7 +3,8 @@
 1. Data parallelism: each bucket of the flat gradient buffer is summed over the dp group (the loss is
    already the mean over the global batch, so replicas' gradients add) as soon as every parameter in
    it has its final gradient: a non-blocking all-reduce, overlapped with the rest of backward. Under
-   ZeRO-1 the bucket is reduce-scattered instead: each rank receives the sum of its own slice.
+   ZeRO-1 the bucket is reduce-scattered instead (blocking, at the same moment): each rank receives
+   the sum of its own slice.
 2. The tied embedding: the first stage's and the last stage's copies of wte each hold part of the
    gradient; an all-reduce over the embedding group {first, last} makes both the total.
 3. Sequence parallelism: replicated tensors used on sequence shards (LayerNorms, row-parallel biases,

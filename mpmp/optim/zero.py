@@ -59,7 +59,8 @@ class Optimizer:
                 round_to(self.flat.data[lo:hi], self.precision)
         if self.zero:
             for b, (lo, hi) in zip(self.flat.buckets, self.ranges):
-                self.flat.data[b.lo : b.hi] = self.dp.all_gather(self.flat.data[lo:hi])
+                # straight into the flat buffer (MPI needs the send slice apart from the output)
+                self.dp.all_gather(self.flat.data[lo:hi].copy(), out=self.flat.data[b.lo : b.hi])
 
     def state_bytes(self) -> int:
         """AdamW state, plus master weights where they are copies, held by this rank."""

@@ -16,13 +16,15 @@ MAX_TAGS = 32768  # the tag range every MPI library offers (MPI_TAG_UB >= 32767)
 
 
 class PipelineEngine:
-    def __init__(self, model, pp_group, pp: int, stage: int, virtual_stages: int, act_shape, act_dtype,
+    def __init__(self, model, pp_group, pp: int, stage: int, neighbours, virtual_stages: int, act_shape, act_dtype,
                  grads_final=None):  # fmt: skip
-        """model: this rank's GPT (one chunk per virtual stage). act_shape: the [b, S_local, D] of an
+        """model: this rank's GPT (one chunk per virtual stage). neighbours: (previous, next) stage from
+        the grid, as pp-group ranks (a ring, for interleaving). act_shape: the [b, S_local, D] of an
         activation crossing stages. grads_final(chunk, module): called when a module's gradients are
         complete for the step (the last micro-batch's backward), so data-parallel buckets can start."""
         self.model, self.group = model, pp_group
         self.pp, self.stage, self.v = pp, stage, virtual_stages
+        self.prev, self.next = neighbours
         self.act_shape, self.act_dtype = tuple(act_shape), act_dtype
         self.grads_final = grads_final
         self.n_vs = pp * virtual_stages
@@ -50,18 +52,14 @@ class PipelineEngine:
             vs = ins.chunk * self.pp + self.stage
             if isinstance(ins, S.RecvForward):
                 buf = xp().empty(self.act_shape, dtype=self.act_dtype)
-                inputs[key] = self.group.recv(buf, (self.stage - 1) % self.pp, self._tag(ins.mb, vs, False))
+                inputs[key] = self.group.recv(buf, self.prev, self._tag(ins.mb, vs, False))
             elif isinstance(ins, S.SendForward):
-                sends.append(
-                    self.group.isend(outputs.pop(key), (self.stage + 1) % self.pp, self._tag(ins.mb, vs + 1, False))
-                )
+                sends.append(self.group.isend(outputs.pop(key), self.next, self._tag(ins.mb, vs + 1, False)))
             elif isinstance(ins, S.RecvBackward):
                 buf = xp().empty(self.act_shape, dtype=self.act_dtype)
-                grads_in[key] = self.group.recv(buf, (self.stage + 1) % self.pp, self._tag(ins.mb, vs, True))
+                grads_in[key] = self.group.recv(buf, self.next, self._tag(ins.mb, vs, True))
             elif isinstance(ins, S.SendBackward):
-                sends.append(
-                    self.group.isend(grads_out.pop(key), (self.stage - 1) % self.pp, self._tag(ins.mb, vs - 1, True))
-                )
+                sends.append(self.group.isend(grads_out.pop(key), self.prev, self._tag(ins.mb, vs - 1, True)))
             elif isinstance(ins, S.Forward):
                 with led.span(f"F{ins.mb}.{ins.chunk}"):
                     y, caches[key] = chunks[ins.chunk].forward(inputs.pop(key, None), microbatches[ins.mb])

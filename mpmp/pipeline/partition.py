@@ -52,8 +52,7 @@ def unit_costs(cfg: ModelConfig, method: str, measured=None) -> list[float]:
         eps = 1e-3  # the ends ride along: they only break ties
         return [eps] + [1.0] * L + [eps]
     if method == "parameters":
-        block = 12 * D * D + 13 * D
-        return [float(V * D + S * D)] + [float(block)] * L + [float(V * D + 2 * D)]
+        return [float(V * D + S * D)] + [float(cfg.block_params)] * L + [float(V * D + 2 * D)]
     if measured is None:
         raise ValueError("partition 'time' needs measured unit costs")
     t_embed, t_block, t_head = measured
@@ -67,14 +66,15 @@ def stage_ranges(split, pp: int, stage: int, v: int = 1) -> list[tuple[int, int]
 
 def profile_units(cfg: ModelConfig, micro_batch: int, seq_len: int, reps: int = 2) -> tuple[float, float, float]:
     """Forward + backward seconds of the embedding, one block and the head, on this process alone."""
+    from mpmp.backend import synchronize, xp
     from mpmp.model.gpt import GPT, MicroBatch, random_source
 
     one = ModelConfig(cfg.vocab, cfg.seq_len, cfg.d_model, 1, cfg.heads)
     model = GPT(one, random_source(one, 0), ranges=[(0, 1), (1, 2), (2, 3)])
     rng = numpy.random.default_rng(0)
-    ids = rng.integers(0, cfg.vocab, (micro_batch, seq_len))
+    ids = xp().asarray(rng.integers(0, cfg.vocab, (micro_batch, seq_len)))
     mb = MicroBatch(ids, ids, 1.0 / ids.size)
-    x = numpy.zeros((micro_batch, seq_len, cfg.d_model), numpy.float32)
+    x = xp().zeros((micro_batch, seq_len, cfg.d_model), numpy.float32)
     out = []
     for chunk, inp, dy in ((model.chunks[0], None, x), (model.chunks[1], x, x), (model.chunks[2], x, None)):
         best = float("inf")
@@ -82,13 +82,16 @@ def profile_units(cfg: ModelConfig, micro_batch: int, seq_len: int, reps: int = 
             t = time.perf_counter()
             _, caches = chunk.forward(inp, mb)
             chunk.backward(dy, caches)
+            synchronize()
             best = min(best, time.perf_counter() - t)
         out.append(best)
     return tuple(out)
 
 
 def describe(split, pp: int, v: int, cfg: ModelConfig) -> str:
-    names = ["embed"] + [f"h.{i}" for i in range(cfg.layers)] + ["head"]
+    from mpmp.model.gpt import unit_names
+
+    names = unit_names(cfg)
     lines = []
     for vs, (a, b) in enumerate(split):
         stage, chunk = vs % pp, vs // pp

@@ -67,9 +67,6 @@ class ReduceGrads(Instr): ...
 class OptimizerStep(Instr): ...
 
 
-COMPUTE = (Forward, Backward, BackwardInput, BackwardWeight)
-
-
 # ---------------------------------------------------------------------------------------------
 # Computation orders
 # ---------------------------------------------------------------------------------------------
