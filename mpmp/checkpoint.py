@@ -3,7 +3,7 @@
 A checkpoint is a directory per step, written by every rank together:
 
     DIR/step_00000010/model_tp{t}_pp{p}.npz   this (tp, pp) position's parameters (dp rank 0 writes)
-    DIR/step_00000010/optim_rank{r}.npz       each rank's AdamW state for its (ZeRO) slices
+    DIR/step_00000010/optim_rank{r}.npz       AdamW state: each rank's ZeRO slices (replica 0 without ZeRO)
     DIR/step_00000010/manifest.json           layout, step, config, data position, file checksums
     DIR/latest                                 the name of the newest complete step directory
 
@@ -237,7 +237,6 @@ def save(trainer, root: str, extra: dict | None = None, keep_last: int = 0) -> s
 
 
 def _save(trainer, root, extra, keep_last):
-    from mpmp.backend import to_numpy
 
     grid, step = trainer.grid, trainer.step
     final = os.path.join(root, step_dir_name(step))
@@ -246,29 +245,26 @@ def _save(trainer, root, extra, keep_last):
         os.makedirs(partial, exist_ok=True)
     grid.world.barrier()
     c = grid.coord
-    crcs = numpy.zeros(3, dtype=numpy.int64)  # [writes model file, its crc, optim crc]
+    crcs = numpy.zeros(4, dtype=numpy.int64)  # [writes model file, its crc, writes optim file, its crc]
     if c.dp == 0:
         crcs[0] = 1
         crcs[1] = atomic_save_npz(os.path.join(partial, f"model_tp{c.tp}_pp{c.pp}.npz"), trainer.model.local_state())
     opt = trainer.optimizer
-    state = {"ranges": numpy.asarray(opt.ranges, dtype=numpy.int64).reshape(-1, 2)}
-    for i, a in enumerate(opt.adams):
-        state[f"m{i}"], state[f"v{i}"] = to_numpy(a.m), to_numpy(a.v)
-        if opt.mixed:
-            state[f"master{i}"] = to_numpy(opt.masters[i])
-    state["adam_step"] = numpy.int64(opt.adams[0].step_count)
-    state["layout"] = numpy.frombuffer(json.dumps(trainer.flat.layout()).encode(), dtype=numpy.uint8)
-    crcs[2] = atomic_save_npz(os.path.join(partial, f"optim_rank{grid.rank}.npz"), state)
-    every = grid.world.all_gather(crcs.reshape(1, 3))
+    # Without ZeRO every data-parallel replica holds the same state: replica 0 writes it.
+    if opt.zero or c.dp == 0:
+        crcs[2] = 1
+        crcs[3] = atomic_save_npz(os.path.join(partial, f"optim_rank{grid.rank}.npz"), _optimizer_arrays(trainer))
+    every = grid.world.all_gather(crcs.reshape(1, 4))
     if grid.rank == 0:
         from mpmp.comm.grid import coord_of
 
         files = {}
-        for r, (has_model, crc_model, crc_opt) in enumerate(every.tolist()):
+        for r, (has_model, crc_model, has_opt, crc_opt) in enumerate(every.tolist()):
             rc = coord_of(r, grid.tp, grid.dp)
             if has_model:
                 files[f"model_tp{rc.tp}_pp{rc.pp}.npz"] = crc_model
-            files[f"optim_rank{r}.npz"] = crc_opt
+            if has_opt:
+                files[f"optim_rank{r}.npz"] = crc_opt
         cfg = trainer.cfg
         par = cfg.parallel
         manifest = {
@@ -301,6 +297,21 @@ def _save(trainer, root, extra, keep_last):
     return final
 
 
+def _optimizer_arrays(trainer) -> dict:
+    """This rank's AdamW state (and fp32 masters) for its ranges of the flat buffer, and the layout."""
+    from mpmp.backend import to_numpy
+
+    opt = trainer.optimizer
+    state = {"ranges": numpy.asarray(opt.ranges, dtype=numpy.int64).reshape(-1, 2)}
+    for i, a in enumerate(opt.adams):
+        state[f"m{i}"], state[f"v{i}"] = to_numpy(a.m), to_numpy(a.v)
+        if opt.mixed:
+            state[f"master{i}"] = to_numpy(opt.masters[i])
+    state["adam_step"] = numpy.int64(opt.adams[0].step_count)
+    state["layout"] = numpy.frombuffer(json.dumps(trainer.flat.layout()).encode(), dtype=numpy.uint8)
+    return state
+
+
 def _prune(root: str, step: int, keep: int):
     """After writing `step`: remove step directories after it (an abandoned future: this run resumed
     from an earlier checkpoint) and, with keep > 0, all but the newest `keep` up to it."""
@@ -327,6 +338,8 @@ def optimizer_state(step_dir: str, manifest=None) -> dict:
     flat, layouts, step = {}, {}, 0
     for r in range(tp * pp * dp):
         key = f"optim_rank{r}.npz"
+        if not lay.get("zero") and (r // tp) % dp:
+            continue  # without ZeRO, replica 0 holds every replica's (identical) state
         if key not in files:
             raise CheckpointError(f"{step_dir}: manifest lists no {key}")
         z = load_npz(os.path.join(step_dir, key), files[key])

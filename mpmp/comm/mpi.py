@@ -10,6 +10,7 @@ import ctypes
 import math
 import os
 import sys
+import time
 import traceback
 
 import numpy
@@ -178,14 +179,17 @@ def abort_on_exception():
 
     def hook(exc_type, exc, tb):
         rank = MPI().COMM_WORLD.Get_rank() if _MPI is not None else 0
+        # The rank's line first: when the job is aborted, the launcher may drop what comes last.
+        print(f"rank {rank}: {exc_type.__name__}: {exc}", file=sys.stderr, flush=True)
         if issubclass(exc_type, MpmpError):
             code = exc.exit_code
         else:
             traceback.print_exception(exc_type, exc, tb, file=sys.stderr)
             code = 1
-        print(f"rank {rank}: {exc_type.__name__}: {exc}", file=sys.stderr, flush=True)
+        sys.stderr.flush()
         sys.stdout.flush()
         if _MPI is not None and MPI().COMM_WORLD.Get_size() > 1:
+            time.sleep(0.5)  # give the launcher time to forward this rank's output
             MPI().COMM_WORLD.Abort(code)
         os._exit(code)
 
