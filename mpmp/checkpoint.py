@@ -210,20 +210,24 @@ def full_tensors(step_dir: str, manifest=None, names=None) -> dict:
             cache[key] = load_npz(os.path.join(step_dir, key), files[key])
         return cache[key]
 
-    out = {}
-    for name in names or infos:
-        p = owner[name]
-        parts = []
-        for t in range(tp):
-            arrays = shard_file(t, p)
-            if name not in arrays:
-                raise CheckpointError(f"{step_dir}/model_tp{t}_pp{p}.npz: missing tensor {name}")
-            parts.append(arrays[name])
-        full = unshard(parts, infos[name].split, infos[name].shape)
-        if tuple(full.shape) != tuple(infos[name].shape):
-            raise CheckpointError(f"{step_dir}: {name} assembles to {tuple(full.shape)}, expected {infos[name].shape}")
-        out[name] = full.astype(numpy.float32)
-    return out
+    def part(t, p, name):
+        arrays = shard_file(t, p)
+        if name not in arrays:
+            raise CheckpointError(f"{step_dir}/model_tp{t}_pp{p}.npz: missing tensor {name}")
+        return arrays[name]
+
+    return {
+        name: _assemble(step_dir, infos[name], [part(t, owner[name], name) for t in range(tp)])
+        for name in names or infos
+    }
+
+
+def _assemble(step_dir, info, parts):
+    """One full float32 tensor from its tp ranks' parts (in tp order), checked against its shape."""
+    full = unshard(parts, info.split, info.shape)
+    if tuple(full.shape) != tuple(info.shape):
+        raise CheckpointError(f"{step_dir}: {info.name} assembles to {tuple(full.shape)}, expected {info.shape}")
+    return full.astype(numpy.float32)
 
 
 def save(trainer, root: str, extra: dict | None = None, keep_last: int = 0) -> str:
@@ -359,18 +363,18 @@ def optimizer_state(step_dir: str, manifest=None) -> dict:
             raise CheckpointError(f"{step_dir}/{key}: malformed optimizer file ({exc})") from None
         layouts[(t, p)] = layout
     out = {k: {} for k in ("m", "v", "master") if k in next(iter(flat.values()))}
+    where = {tp_pp: {nm: (off, shape) for nm, off, shape in layout} for tp_pp, layout in layouts.items()}
+
+    def part(t, p, k, name):
+        off, shape = where[(t, p)][name]
+        return flat[(t, p)][k][off : off + int(numpy.prod(shape))].reshape(shape)
+
     for p in range(pp):
-        names = [name for name, _, _ in layouts[(0, p)]]
-        for name in names:
+        for name in where[(0, p)]:
             if name in out["m"]:
                 continue  # the tied wte: the first stage's copy wins
             for k in out:
-                parts = []
-                for t in range(tp):
-                    lay_t = {nm: (off, shape) for nm, off, shape in layouts[(t, p)]}
-                    off, shape = lay_t[name]
-                    parts.append(flat[(t, p)][k][off : off + int(numpy.prod(shape))].reshape(shape))
-                out[k][name] = unshard(parts, infos[name].split, infos[name].shape)
+                out[k][name] = _assemble(step_dir, infos[name], [part(t, p, k, name) for t in range(tp)])
     out["step"] = step
     return out
 
