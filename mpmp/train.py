@@ -13,7 +13,7 @@ import time
 
 import numpy
 
-from mpmp import backend, report
+from mpmp import backend, console
 from mpmp.comm import ledger
 from mpmp.config import ModelConfig, ParallelConfig, TrainConfig
 from mpmp.errors import ConfigError, MpmpError
@@ -250,7 +250,7 @@ def train(args, run: Run) -> int:
         trainer.step = resume["manifest"]["step"]
         run.say(f"resumed from {resume['dir']} at step {trainer.step}")
     if not args.quiet:
-        run.say(report.banner(cfg, grid, trainer, args.data or "built-in corpus"))
+        run.say(console.banner(cfg, grid, trainer, args.data or "built-in corpus"))
 
     preempt = args.preempt
     watchdog = None
@@ -274,7 +274,7 @@ def train(args, run: Run) -> int:
             metrics_file.write(json.dumps(line) + "\n")
             metrics_file.flush()
         if m["step"] % log_every == 0 or m["step"] in (1, cfg.steps):
-            run.say(report.progress(m, cfg.steps))
+            run.say(console.progress(m, cfg.steps))
         if m["skipped"]:
             run.say(
                 f"step {m['step']}: gradients overflowed in fp16: update skipped, loss scale {m['loss_scale']:g} -> {trainer.scaler.scale:g}"
@@ -291,11 +291,11 @@ def train(args, run: Run) -> int:
     wall = time.perf_counter() - start
     if metrics_file:
         metrics_file.close()
-    text = report.summary(grid, trainer, history, wall, run.is_main)
+    text = console.summary(grid, trainer, history, wall, run.is_main)
     if text and run.is_main:
         print(text, flush=True)
     if args.trace:
-        run.say(report.write_trace(grid, args.trace, run.is_main))
+        run.say(console.write_trace(grid, args.trace, run.is_main))
     if stopped:
         where = f"checkpoint saved in {args.save}" if args.save else "no --save given, nothing saved"
         run.say(f"preempted at step {trainer.step}: {where}; exit code {EXIT_PREEMPTED} asks the job to requeue")
