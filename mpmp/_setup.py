@@ -8,7 +8,13 @@ rank max(1, C // N) threads unless the user already chose (OMP_NUM_THREADS and f
 
 import os
 
-# Variables the common launchers set to the number of ranks on this node.
+# What the common launchers (mpirun/mpiexec of MPICH and Open MPI, srun with PMI) put in each rank's
+# environment: the one list of them in mpmp.
+# Set for every rank of a launched job: mpi4py must then be initialised to learn the world.
+LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "HYDRA_CONTROL_FD")
+# This rank's index among the ranks on its node (which GPU it takes).
+_LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID")
+# The number of ranks on this node.
 _LOCAL_SIZE_VARS = (
     "OMPI_COMM_WORLD_LOCAL_SIZE",  # Open MPI
     "MPI_LOCALNRANKS",  # MPICH (hydra)
@@ -29,6 +35,18 @@ def local_ranks(environ=os.environ) -> int:
         if head.isdigit() and int(head) > 0:
             return int(head)
     return 1
+
+
+def mpi_launched(environ=os.environ) -> bool:
+    """Whether this process was started by an MPI launcher (as opposed to plain `python`)."""
+    return any(v in environ for v in LAUNCHER_VARS)
+
+
+def local_rank(environ=os.environ) -> int:
+    for var in _LOCAL_RANK_VARS:
+        if environ.get(var, "").isdigit():
+            return int(environ[var])
+    return 0
 
 
 def available_cores() -> int:

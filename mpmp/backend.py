@@ -73,13 +73,6 @@ def synchronize():
         _xp.cuda.get_current_stream().synchronize()
 
 
-def local_rank() -> int:
-    for var in ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
-
-
 def blas_threads() -> str:
     """What this process asked BLAS for (for the start-up banner)."""
     return os.environ.get("OPENBLAS_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "default"))
@@ -91,7 +84,6 @@ def blas_threads() -> str:
 # as their 16-bit patterns, so communication really halves.
 # ---------------------------------------------------------------------------------------------
 
-LOW_PRECISION = ("bf16", "fp16")
 
 
 def round_to(x, fmt: str):

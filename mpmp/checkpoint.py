@@ -19,15 +19,34 @@ import os
 import re
 import sys
 import zlib
+from dataclasses import dataclass
 
 import numpy
 
-from mpmp.config import ModelConfig
+from mpmp.comm.grid import coord_of, layout_ranks
+from mpmp.config import ModelConfig, TrainConfig
 from mpmp.errors import CheckpointError, MpmpError
 from mpmp.model.gpt import param_infos, unit_params
-from mpmp.nn.parallel import unshard
+from mpmp.nn.parallel import shard, unshard
 
 FORMAT, VERSION = "mpmp-checkpoint", 1
+STEP_DIR = re.compile(r"step_(\d{8})")  # DIR/step_00000010: the checkpoint of step 10
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """What a checkpoint saves, named (Megatron's save_checkpoint(iteration, model, optimizer, ...))."""
+
+    step: int
+    cfg: TrainConfig
+    grid: object  # ProcessGrid or LocalGrid: this rank's coordinates and the world group
+    model: object  # GPT: local_state() gives this rank's shards
+    optimizer: object  # Optimizer: export_state() gives this rank's AdamW state
+    flat_layout: list  # [(name, offset, shape)] of the flat buffers the optimizer state is laid out in
+    split: list  # the pipeline partition: unit ranges per virtual stage
+    data_order: str
+    data_seed: int
+    loss_scaler: dict
 
 # ---------------------------------------------------------------------------------------------
 # Files: atomic writes and checked reads
@@ -143,6 +162,12 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def step_dirs(root: str) -> list[tuple[int, str]]:
+    """(step, name) of the step directories in a checkpoint root, oldest first."""
+    found = [(STEP_DIR.fullmatch(d), d) for d in os.listdir(root)]
+    return sorted((int(m.group(1)), d) for m, d in found if m)
+
+
 def read_manifest(step_dir: str) -> dict:
     path = os.path.join(step_dir, "manifest.json")
     if not os.path.exists(path):
@@ -169,14 +194,11 @@ def resolve(path: str) -> str:
     try:
         with open(os.path.join(path, "latest")) as f:
             named = os.path.join(path, f.read().strip())
-        if re.fullmatch(r"step_\d{8}", os.path.basename(named)) and os.path.exists(
-            os.path.join(named, "manifest.json")
-        ):
+        if STEP_DIR.fullmatch(os.path.basename(named)) and os.path.exists(os.path.join(named, "manifest.json")):
             return named
     except OSError:
         pass
-    steps = sorted(d for d in os.listdir(path) if re.fullmatch(r"step_\d{8}", d))
-    for d in reversed(steps):
+    for _, d in reversed(step_dirs(path)):
         if os.path.exists(os.path.join(path, d, "manifest.json")):
             return os.path.join(path, d)
     raise CheckpointError(f"{path}: no complete checkpoint (no step_*/manifest.json)")
@@ -230,20 +252,19 @@ def _assemble(step_dir, info, parts):
     return full.astype(numpy.float32)
 
 
-def save(trainer, root: str, extra: dict | None = None, keep_last: int = 0) -> str:
-    """Every rank writes its shard of step trainer.step; rank 0 writes the manifest last, then removes
+def save(root: str, state: TrainingState, keep_last: int = 0) -> str:
+    """Every rank writes its shard of step state.step; rank 0 writes the manifest last, then removes
     checkpoints of later steps (left by a run this one resumed before) and, with keep_last = N > 0,
     all but the newest N. Collective. A file that cannot be written raises CheckpointError."""
     try:
-        return _save(trainer, root, extra, keep_last)
+        return _save(root, state, keep_last)
     except OSError as exc:
         raise CheckpointError(f"cannot write checkpoint in {root}: {exc.strerror or exc} ({exc.filename})") from None
 
 
-def _save(trainer, root, extra, keep_last):
-
-    grid, step = trainer.grid, trainer.step
-    final = os.path.join(root, step_dir_name(step))
+def _save(root, state, keep_last):
+    grid = state.grid
+    final = os.path.join(root, step_dir_name(state.step))
     partial = final + ".partial"
     if grid.rank == 0:
         os.makedirs(partial, exist_ok=True)
@@ -251,43 +272,14 @@ def _save(trainer, root, extra, keep_last):
     c = grid.coord
     crcs = numpy.zeros(4, dtype=numpy.int64)  # [writes model file, its crc, writes optim file, its crc]
     if c.dp == 0:
-        crcs[0] = 1
-        crcs[1] = atomic_save_npz(os.path.join(partial, f"model_tp{c.tp}_pp{c.pp}.npz"), trainer.model.local_state())
-    opt = trainer.optimizer
+        crcs[:2] = 1, atomic_save_npz(os.path.join(partial, f"model_tp{c.tp}_pp{c.pp}.npz"), state.model.local_state())
     # Without ZeRO every data-parallel replica holds the same state: replica 0 writes it.
-    if opt.zero or c.dp == 0:
-        crcs[2] = 1
-        crcs[3] = atomic_save_npz(os.path.join(partial, f"optim_rank{grid.rank}.npz"), _optimizer_arrays(trainer))
+    if state.optimizer.zero or c.dp == 0:
+        arrays = _optimizer_arrays(state.optimizer.export_state(), state.flat_layout)
+        crcs[2:] = 1, atomic_save_npz(os.path.join(partial, f"optim_rank{grid.rank}.npz"), arrays)
     every = grid.world.all_gather(crcs.reshape(1, 4))
     if grid.rank == 0:
-        from mpmp.comm.grid import coord_of
-
-        files = {}
-        for r, (has_model, crc_model, has_opt, crc_opt) in enumerate(every.tolist()):
-            rc = coord_of(r, grid.tp, grid.dp)
-            if has_model:
-                files[f"model_tp{rc.tp}_pp{rc.pp}.npz"] = crc_model
-            if has_opt:
-                files[f"optim_rank{r}.npz"] = crc_opt
-        cfg = trainer.cfg
-        par = cfg.parallel
-        manifest = {
-            "format": FORMAT,
-            "version": VERSION,
-            "step": step,
-            "model": cfg.model.__dict__,
-            "layout": {
-                "tp": par.tp, "pp": par.pp, "dp": par.dp, "zero": par.zero,
-                "virtual_stages": par.virtual_stages, "split": [list(r) for r in trainer.split],
-                "sequence_parallel": par.sequence_parallel,
-            },
-            "config": cfg.to_dict(),
-            "data": {"order": trainer.data.order, "seed": trainer.data.seed,
-                     "sequences_consumed": step * cfg.global_batch},
-            "files": files,
-            "loss_scaler": trainer.scaler.state(),
-        }  # fmt: skip
-        manifest.update(extra or {})
+        manifest = _manifest(state, _file_checksums(every.tolist(), grid.tp, grid.dp))
         atomic_write_bytes(os.path.join(partial, "manifest.json"), json.dumps(manifest, indent=1).encode())
         if os.path.exists(final):
             import shutil
@@ -295,25 +287,62 @@ def _save(trainer, root, extra, keep_last):
             shutil.rmtree(final)
         os.replace(partial, final)
         _fsync_dir(root)
-        atomic_write_bytes(os.path.join(root, "latest"), (step_dir_name(step) + "\n").encode())
-        _prune(root, step, keep_last)
+        atomic_write_bytes(os.path.join(root, "latest"), (step_dir_name(state.step) + "\n").encode())
+        _prune(root, state.step, keep_last)
     grid.world.barrier()
     return final
 
 
-def _optimizer_arrays(trainer) -> dict:
-    """This rank's AdamW state (and fp32 masters) for its ranges of the flat buffer, and the layout."""
-    from mpmp.backend import to_numpy
+def _file_checksums(rows, tp: int, dp: int) -> dict:
+    """{file name: crc32} from every rank's [writes model, crc, writes optim, crc] row."""
+    files = {}
+    for r, (has_model, crc_model, has_opt, crc_opt) in enumerate(rows):
+        rc = coord_of(r, tp, dp)
+        if has_model:
+            files[f"model_tp{rc.tp}_pp{rc.pp}.npz"] = crc_model
+        if has_opt:
+            files[f"optim_rank{r}.npz"] = crc_opt
+    return files
 
-    opt = trainer.optimizer
-    state = {"ranges": numpy.asarray(opt.ranges, dtype=numpy.int64).reshape(-1, 2)}
-    for i, a in enumerate(opt.adams):
-        state[f"m{i}"], state[f"v{i}"] = to_numpy(a.m), to_numpy(a.v)
-        if opt.mixed:
-            state[f"master{i}"] = to_numpy(opt.masters[i])
-    state["adam_step"] = numpy.int64(opt.adams[0].step_count)
-    state["layout"] = numpy.frombuffer(json.dumps(trainer.flat.layout()).encode(), dtype=numpy.uint8)
-    return state
+
+def _manifest(state: TrainingState, files: dict) -> dict:
+    cfg, par = state.cfg, state.cfg.parallel
+    layout = {
+        "tp": par.tp,
+        "pp": par.pp,
+        "dp": par.dp,
+        "zero": par.zero,
+        "virtual_stages": par.virtual_stages,
+        "split": [list(r) for r in state.split],
+        "sequence_parallel": par.sequence_parallel,
+    }
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": state.step,
+        "model": cfg.model.__dict__,
+        "layout": layout,
+        "config": cfg.to_dict(),
+        "data": {
+            "order": state.data_order,
+            "seed": state.data_seed,
+            "sequences_consumed": state.step * cfg.global_batch,
+        },
+        "files": files,
+        "loss_scaler": state.loss_scaler,
+    }
+
+
+def _optimizer_arrays(exported: dict, flat_layout) -> dict:
+    """An optimizer's export_state() as .npz arrays: its ranges of the flat buffer, the state of each
+    range (m0, v0[, master0], m1, ...), the AdamW step and the buffer's layout."""
+    arrays = {"ranges": numpy.asarray(exported["ranges"], dtype=numpy.int64).reshape(-1, 2)}
+    for kind in ("m", "v", "master"):
+        for i, a in enumerate(exported.get(kind, ())):
+            arrays[f"{kind}{i}"] = a
+    arrays["adam_step"] = numpy.int64(exported["step"])
+    arrays["layout"] = numpy.frombuffer(json.dumps(flat_layout).encode(), dtype=numpy.uint8)
+    return arrays
 
 
 def _prune(root: str, step: int, keep: int):
@@ -321,9 +350,9 @@ def _prune(root: str, step: int, keep: int):
     from an earlier checkpoint) and, with keep > 0, all but the newest `keep` up to it."""
     import shutil
 
-    steps = sorted(d for d in os.listdir(root) if re.fullmatch(r"step_\d{8}", d))
-    stale = [d for d in steps if int(d[5:]) > step]
-    kept = [d for d in steps if int(d[5:]) <= step]
+    steps = step_dirs(root)
+    stale = [d for s, d in steps if s > step]
+    kept = [d for s, d in steps if s <= step]
     stale += kept[:-keep] if keep > 0 else []
     for d in stale:
         shutil.rmtree(os.path.join(root, d), ignore_errors=True)
@@ -335,71 +364,63 @@ def optimizer_state(step_dir: str, manifest=None) -> dict:
     manifest = manifest or read_manifest(step_dir)
     cfg = model_config_of(manifest)
     lay = manifest["layout"]
-    tp, pp, dp = lay["tp"], lay["pp"], lay["dp"]
-    infos = {p.name: p for p in param_infos(cfg)}
-    files = manifest["files"]
-    # One flat vector per (tp, pp) position, filled from its dp ranks' slices.
+    # One flat vector per (tp, pp) position, filled from its dp ranks' slices; without ZeRO replica 0
+    # holds every replica's (identical) state.
     flat, layouts, step = {}, {}, 0
-    for r in range(tp * pp * dp):
-        key = f"optim_rank{r}.npz"
-        if not lay.get("zero") and (r // tp) % dp:
-            continue  # without ZeRO, replica 0 holds every replica's (identical) state
-        if key not in files:
-            raise CheckpointError(f"{step_dir}: manifest lists no {key}")
-        z = load_npz(os.path.join(step_dir, key), files[key])
-        t, p = r % tp, r // (tp * dp)
-        try:
-            layout = json.loads(bytes(z["layout"]).decode())
-            ranges = z["ranges"].reshape(-1, 2)
-            step = int(z["adam_step"])
-            kinds = [k for k in ("m", "v", "master") if f"{k}0" in z]
-            n = max(off + int(numpy.prod(shape)) for _, off, shape in layout)
-            n = max(n, int(ranges[:, 1].max()))
-            vecs = flat.setdefault((t, p), {k: numpy.zeros(n, numpy.float32) for k in kinds})
-            for i, (lo, hi) in enumerate(ranges.tolist()):
-                for k in kinds:
-                    vecs[k][lo:hi] = z[f"{k}{i}"]
-        except (KeyError, ValueError) as exc:
-            raise CheckpointError(f"{step_dir}/{key}: malformed optimizer file ({exc})") from None
-        layouts[(t, p)] = layout
-    out = {k: {} for k in ("m", "v", "master") if k in next(iter(flat.values()))}
-    where = {tp_pp: {nm: (off, shape) for nm, off, shape in layout} for tp_pp, layout in layouts.items()}
+    for r, c in layout_ranks(lay["tp"], lay["pp"], lay["dp"]):
+        if lay.get("zero") or c.dp == 0:
+            layouts[c.tp, c.pp], step = _read_optimizer_file(step_dir, manifest, r, flat.setdefault((c.tp, c.pp), {}))
+    infos = {p.name: p for p in param_infos(cfg)}
+    kinds = [k for k in ("m", "v", "master") if k in flat[0, 0]]
+    out = {k: {} for k in kinds}
+    where = {key: {nm: (off, shape) for nm, off, shape in layout} for key, layout in layouts.items()}
 
     def part(t, p, k, name):
-        off, shape = where[(t, p)][name]
-        return flat[(t, p)][k][off : off + int(numpy.prod(shape))].reshape(shape)
+        off, shape = where[t, p][name]
+        return flat[t, p][k][off : off + int(numpy.prod(shape))].reshape(shape)
 
-    for p in range(pp):
-        for name in where[(0, p)]:
+    for p in range(lay["pp"]):
+        for name in where[0, p]:
             if name in out["m"]:
                 continue  # the tied wte: the first stage's copy wins
-            for k in out:
-                out[k][name] = _assemble(step_dir, infos[name], [part(t, p, k, name) for t in range(tp)])
+            for k in kinds:
+                out[k][name] = _assemble(step_dir, infos[name], [part(t, p, k, name) for t in range(lay["tp"])])
     out["step"] = step
     return out
 
 
-def restore_optimizer(trainer, state: dict):
-    """Load full optimizer tensors (any old layout) into this rank's optimizer (its layout)."""
-    from mpmp.backend import xp
-    from mpmp.nn.parallel import shard
+def _read_optimizer_file(step_dir, manifest, rank: int, vectors: dict):
+    """Read optim_rank{rank}.npz into the whole-buffer vectors of its (tp, pp) position (created on
+    first use); returns (the flat layout, the AdamW step)."""
+    key = f"optim_rank{rank}.npz"
+    if key not in manifest["files"]:
+        raise CheckpointError(f"{step_dir}: manifest lists no {key}")
+    z = load_npz(os.path.join(step_dir, key), manifest["files"][key])
+    try:
+        layout = json.loads(bytes(z["layout"]).decode())
+        ranges = z["ranges"].reshape(-1, 2)
+        n = max(max(off + int(numpy.prod(shape)) for _, off, shape in layout), int(ranges[:, 1].max()))
+        for k in (k for k in ("m", "v", "master") if f"{k}0" in z):
+            vec = vectors.setdefault(k, numpy.zeros(n, numpy.float32))
+            for i, (lo, hi) in enumerate(ranges.tolist()):
+                vec[lo:hi] = z[f"{k}{i}"]
+        return layout, int(z["adam_step"])
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"{step_dir}/{key}: malformed optimizer file ({exc})") from None
 
-    flat, opt, grid = trainer.flat, trainer.optimizer, trainer.grid
-    kinds = [k for k in ("m", "v", "master") if k in state and (k != "master" or opt.mixed)]
+
+def optimizer_vectors(state: dict, flat, tp_rank: int, tp: int, mixed: bool) -> dict:
+    """Full optimizer tensors (optimizer_state, any old layout) as whole-buffer vectors in this rank's
+    flat layout, ready for Optimizer.import_state: each tensor sharded for this tp rank."""
+    kinds = [k for k in ("m", "v", "master") if k in state and (k != "master" or mixed)]
     vecs = {k: numpy.zeros(len(flat), numpy.float32) for k in kinds}
     for p in flat.params:
         off, size = flat.span(p)
         for k in kinds:
             if p.name not in state[k]:
                 raise CheckpointError(f"checkpoint has no optimizer state for {p.name}")
-            vecs[k][off : off + size] = shard(state[k][p.name], p.split, grid.coord.tp, grid.tp).reshape(-1)
-    for i, (lo, hi) in enumerate(opt.ranges):
-        adam = opt.adams[i]
-        adam.m[...] = xp().asarray(vecs["m"][lo:hi])
-        adam.v[...] = xp().asarray(vecs["v"][lo:hi])
-        adam.step_count = state["step"]
-        if "master" in vecs:
-            opt.masters[i][...] = xp().asarray(vecs["master"][lo:hi])
+            vecs[k][off : off + size] = shard(state[k][p.name], p.split, tp_rank, tp).reshape(-1)
+    return vecs
 
 
 def export(ckpt: str, out_path: str) -> str:

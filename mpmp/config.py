@@ -1,12 +1,19 @@
 """Configuration dataclasses and their validation.
 
 Every check happens before the first collective and raises ConfigError with the numbers in the
-message, so every rank prints the same clear line and exits with code 2.
+message, so every rank prints the same clear line and exits with code 2. The meaning of each field is
+the command line's (docs/command-line.md); `validate` is the one place that decides whether a whole
+configuration can run.
 """
 
 from dataclasses import asdict, dataclass, field
 
 from mpmp.errors import ConfigError
+
+PARTITIONS = ("uniform", "parameters", "time")
+RECOMPUTE = ("none", "selective", "full")
+DTYPES = ("fp32", "bf16", "fp16")
+LOW_PRECISION = ("bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,20 @@ class ParallelConfig:
     bucket_mb: float = 25.0
     recompute: str = "none"
 
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+@dataclass(frozen=True)
+class AdamWConfig:
+    """torch.optim.AdamW's hyper-parameters (docs/training.md)."""
+
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -86,6 +107,21 @@ class TrainConfig:
     seed: int = 1234
     dtype: str = "fp32"
 
+    @property
+    def adamw(self) -> AdamWConfig:
+        return AdamWConfig(self.beta1, self.beta2, self.eps, self.weight_decay)
+
+    @property
+    def precision(self) -> str | None:
+        """"bf16" or "fp16" for mixed precision, None for fp32."""
+        return self.dtype if self.dtype in LOW_PRECISION else None
+
+    @property
+    def micro_batch(self) -> int:
+        """Sequences in one micro-batch of one data-parallel replica."""
+        par = self.parallel
+        return self.global_batch // (par.dp * par.micro_batches)
+
     def to_dict(self):
         return asdict(self)
 
@@ -104,3 +140,38 @@ def validate_batch(global_batch: int, dp: int, micro_batches: int, seq_len: int,
         raise ConfigError(f"--seq-len must be at least 1, not {seq_len}")
     if seq_len > model.seq_len:
         raise ConfigError(f"--seq-len ({seq_len}) is longer than the position table wpe ({model.seq_len} positions)")
+
+
+def _one_of(flag: str, value: str, allowed):
+    if value not in allowed:
+        raise ConfigError(f"{flag} must be one of {', '.join(allowed)}, not {value!r}")
+
+
+def validate(cfg: TrainConfig, world_size: int | None = None):
+    """Every check of a whole configuration that needs no communication; raises ConfigError."""
+    from mpmp.comm.grid import check_layout
+    from mpmp.optim.lr import SCHEDULES as LR_SCHEDULES
+    from mpmp.pipeline import schedules
+
+    par, model = cfg.parallel, cfg.model
+    if world_size is not None:
+        check_layout(world_size, par.tp, par.pp, par.dp)
+    model.validate(par.tp)
+    validate_batch(cfg.global_batch, par.dp, par.micro_batches, cfg.seq_len, model)
+    schedules.validate(par.schedule, par.pp, par.micro_batches, par.virtual_stages)
+    schedules.check_tag_range(par.pp, par.micro_batches, par.virtual_stages)
+    _one_of("--partition", par.partition, PARTITIONS)
+    _one_of("--recompute", par.recompute, RECOMPUTE)
+    _one_of("--dtype", cfg.dtype, DTYPES)
+    _one_of("--lr-schedule", cfg.lr_schedule, LR_SCHEDULES)
+    if par.zero not in (0, 1):
+        raise ConfigError(f"--zero must be 0 or 1, not {par.zero}")
+    if par.sequence_parallel and cfg.seq_len % par.tp:
+        raise ConfigError(f"--sequence-parallel needs --seq-len ({cfg.seq_len}) divisible by --tp ({par.tp})")
+    if model.units < par.pp * par.virtual_stages:
+        raise ConfigError(
+            f"{model.layers} layers + embedding + head = {model.units} units cannot fill "
+            f"pp*virtual-stages = {par.pp * par.virtual_stages} pipeline stages"
+        )
+    if cfg.clip < 0:
+        raise ConfigError(f"--clip must be >= 0, not {cfg.clip}")

@@ -7,25 +7,20 @@ mpirun -n 4 python -m mpmp.train --tp 4    tensor parallelism over 4 ranks
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
+import uuid
+from dataclasses import dataclass
 
 import numpy
 
 from mpmp import backend, console
+from mpmp._setup import local_rank, mpi_launched
 from mpmp.comm import ledger
-from mpmp.config import ModelConfig, ParallelConfig, TrainConfig
+from mpmp.config import ModelConfig, ParallelConfig, TrainConfig, validate
 from mpmp.errors import ConfigError, MpmpError
-
-_LAUNCHER_VARS = (
-    "PMI_RANK",
-    "PMI_SIZE",
-    "PMIX_RANK",
-    "OMPI_COMM_WORLD_SIZE",
-    "MPI_LOCALNRANKS",
-    "HYDRA_CONTROL_FD",
-)
 
 
 def _number(kind, allow_zero):
@@ -101,6 +96,8 @@ def build_parser():
     d.add_argument("--resume", default=None, help="resume from a checkpoint directory, or 'auto' (newest in --save)")
     d.add_argument("--metrics", default=None, help="write one JSON line per step (rank 0)")
     d.add_argument("--trace", default=None, help="write a Chrome trace of every operation (open in Perfetto)")
+    d.add_argument("--trace-steps", default=None, metavar="A:B",
+                   help="trace only steps A..B (1-based, inclusive; default: every step)")  # fmt: skip
     d.add_argument("--log-every", type=ni, default=None, help="progress line every K steps (default: steps/15)")
     d.add_argument("--quiet", action="store_true", help="only errors and the summary")
     d.add_argument(
@@ -114,8 +111,6 @@ def build_parser():
     return p
 
 
-def mpi_launched() -> bool:
-    return any(v in os.environ for v in _LAUNCHER_VARS)
 
 
 def default_layout(world: int, tp, pp):
@@ -130,10 +125,11 @@ def default_layout(world: int, tp, pp):
 
 
 class Run:
-    """Everything main() needs besides the Trainer: the grid, the printing rank, the files."""
+    """One launch of the command: the flags (and which were given), this process's place in the
+    world, the preemption event and the run's id."""
 
-    def __init__(self, args):
-        self.args = args
+    def __init__(self, args, argv, preempt):
+        self.args, self.argv, self.preempt = args, list(argv), preempt
         if mpi_launched():
             from mpmp.comm.mpi import MPI
 
@@ -142,78 +138,93 @@ class Run:
         else:
             self.world_size, self.rank = 1, 0
         self.is_main = self.rank == 0
+        # names this launch in the metrics and the trace (mpmp.report matches them); rank 0's only
+        self.run_id = uuid.uuid4().hex[:12]
+
+    def given(self, flag: str) -> bool:
+        """Whether the user passed a flag (rather than taking its default)."""
+        return any(a == flag or a.startswith(flag + "=") for a in self.argv)
 
     def say(self, *msg):
         if self.is_main and not self.args.quiet:
             print(*msg, flush=True)
 
 
-def make_config(args, world: int, data_vocab: int, init_cfg: ModelConfig | None):
-    tp, pp = default_layout(world, args.tp, args.pp)
-    if world % (tp * pp):
-        raise ConfigError(
-            f"world size ({world}) is not divisible by tp*pp ({tp}*{pp} = {tp * pp}); "
-            f"pass --tp/--pp whose product divides {world}"
-        )
-    dp = world // (tp * pp)
-    v = args.virtual_stages or (2 if args.schedule == "interleaved" else 1)
-    micro = args.micro_batches or (2 * pp if pp > 1 else 1)
-    if init_cfg is not None:
-        for flag, mine, theirs in (
-            ("--d-model", args.d_model, init_cfg.d_model),
-            ("--layers", args.layers, init_cfg.layers),
-        ):
-            if _given(flag, args.argv) and mine != theirs:
-                raise ConfigError(f"{flag} {mine} disagrees with --init-from ({theirs}); leave it out")
-        if args.vocab is not None and args.vocab != init_cfg.vocab:
-            raise ConfigError(f"--vocab {args.vocab} disagrees with --init-from ({init_cfg.vocab}); leave it out")
-        model = init_cfg
-    else:
-        model = ModelConfig(
+def make_config(run: Run, data_vocab: int, init_cfg: ModelConfig | None) -> TrainConfig:
+    from mpmp.comm.grid import check_layout
+
+    args = run.args
+    tp, pp = default_layout(run.world_size, args.tp, args.pp)
+    dp = check_layout(run.world_size, tp, pp)
+    par = ParallelConfig(
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        schedule=args.schedule,
+        virtual_stages=args.virtual_stages or (2 if args.schedule == "interleaved" else 1),
+        micro_batches=args.micro_batches or (2 * pp if pp > 1 else 1),
+        sequence_parallel=args.sequence_parallel,
+        partition=args.partition,
+        zero=args.zero,
+        bucket_mb=args.bucket_mb,
+        recompute=args.recompute,
+    )
+    training = {k: getattr(args, k) for k in _TRAINING_FLAGS}
+    return TrainConfig(model=_model_config(run, data_vocab, init_cfg), parallel=par, **training)
+
+
+_TRAINING_FLAGS = ("global_batch", "seq_len", "steps", "lr", "min_lr", "lr_schedule", "warmup_steps", "weight_decay",
+                   "beta1", "beta2", "clip", "seed", "dtype")  # fmt: skip
+
+
+def _model_config(run: Run, data_vocab: int, init_cfg: ModelConfig | None) -> ModelConfig:
+    """The model of the flags, or the one of the weights we start from (flags given must agree)."""
+    args = run.args
+    if init_cfg is None:
+        return ModelConfig(
             vocab=args.vocab or data_vocab,
             seq_len=args.seq_len,
             d_model=args.d_model,
             layers=args.layers,
             heads=args.heads,
         )
-    par = ParallelConfig(
-        tp=tp, pp=pp, dp=dp, schedule=args.schedule, virtual_stages=v, micro_batches=micro,
-        sequence_parallel=args.sequence_parallel, partition=args.partition, zero=args.zero,
-        bucket_mb=args.bucket_mb, recompute=args.recompute,
-    )  # fmt: skip
-    return TrainConfig(
-        model=model, parallel=par, global_batch=args.global_batch, seq_len=args.seq_len, steps=args.steps,
-        lr=args.lr, min_lr=args.min_lr, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay, beta1=args.beta1, beta2=args.beta2, clip=args.clip, seed=args.seed,
-        dtype=args.dtype,
-    )  # fmt: skip
+    source = "the checkpoint" if args.resume else "--init-from"
+    for flag, mine, theirs in (
+        ("--d-model", args.d_model, init_cfg.d_model),
+        ("--layers", args.layers, init_cfg.layers),
+        ("--vocab", args.vocab, init_cfg.vocab),
+    ):
+        if run.given(flag) and mine != theirs:
+            raise ConfigError(f"{flag} {mine} disagrees with {source} ({theirs}); leave it out")
+    return init_cfg
 
 
-def _given(flag: str, argv=None) -> bool:
-    """Whether the user passed a flag (rather than taking its default)."""
-    argv = sys.argv[1:] if argv is None else argv
-    return any(a == flag or a.startswith(flag + "=") for a in argv)
+@dataclass
+class Start:
+    """What a run starts from, prepared and checked identically on every rank without communication."""
+
+    cfg: TrainConfig
+    data: object  # TokenData
+    source: object  # name -> full float32 tensor
+    resume: dict | None  # _load_resume's
 
 
-def train(args, run: Run) -> int:
+def prepare(run: Run) -> Start:
     from mpmp import checkpoint
     from mpmp.data import TokenData, load_tokens
     from mpmp.model.gpt import random_source
-    from mpmp.optim.lr import learning_rate
-    from mpmp.runtime import Trainer, validate
 
-    # ---- everything that needs no communication: checked identically on every rank -------------
-    backend.use(args.backend, backend.local_rank())
+    args = run.args
+    backend.use(args.backend, local_rank())
     if args.init_from and args.resume:
         raise ConfigError("--init-from and --resume exclude each other (a checkpoint already holds the weights)")
-    resume = _load_resume(args) if args.resume else None
+    resume = _load_resume(run) if args.resume else None
     init_cfg, init_arrays = (resume["model"], resume["params"]) if resume else (None, None)
     if args.init_from:
         init_cfg, init_arrays = checkpoint.load_interchange(args.init_from, args.heads)
     tokens, data_vocab = load_tokens(args.data)
-    cfg = make_config(args, run.world_size, data_vocab, init_cfg)
+    cfg = make_config(run, data_vocab, init_cfg)
     validate(cfg, run.world_size)
-    learning_rate(0, cfg.lr, cfg.lr_schedule)  # validates the schedule name
     data = TokenData(tokens, cfg.seq_len, cfg.model.vocab, args.data_order, cfg.seed, args.data or "built-in corpus")
     source = init_arrays.__getitem__ if init_arrays is not None else random_source(cfg.model, cfg.seed)
     for flag, path in (("--metrics", args.metrics), ("--trace", args.trace)):
@@ -221,81 +232,113 @@ def train(args, run: Run) -> int:
             _check_writable(os.path.dirname(os.path.abspath(path)), flag)
     if args.save:
         _check_writable(args.save, "--save", create=True)
+    return Start(cfg, data, source, resume)
 
-    # ---- the grid (first collectives) ------------------------------------------------------------
+
+def make_grid(cfg: TrainConfig, world_size: int):
+    """The rank grid of the layout (its Splits are the run's first collectives)."""
     par = cfg.parallel
-    if run.world_size > 1:
-        from mpmp.comm.grid import ProcessGrid
-
-        grid = ProcessGrid(par.tp, par.pp, par.dp)
-    else:
+    if world_size == 1:
         from mpmp.comm.grid import LocalGrid
 
-        grid = LocalGrid()
-    ledger.install(ledger.Ledger(grid.rank, keep_events=bool(args.trace)))
+        return LocalGrid(wire=cfg.precision)
+    from mpmp.comm.grid import ProcessGrid
 
+    return ProcessGrid(par.tp, par.pp, par.dp, wire=cfg.precision)
+
+
+def make_trainer(start: Start, grid, run: Run):
+    """The Trainer for this rank, resumed when a checkpoint was given; says what it built."""
+    from mpmp import checkpoint
+    from mpmp.runtime import Trainer
+
+    cfg, par = start.cfg, start.cfg.parallel
     costs = None
     if par.partition == "time":
         from mpmp.pipeline.partition import profile_units
 
-        mb = cfg.global_batch // (par.dp * par.micro_batches)
-        costs = numpy.array(profile_units(cfg.model, mb, cfg.seq_len) if grid.rank == 0 else (0.0, 0.0, 0.0))
-        grid.world.broadcast(costs, 0)
-        costs = tuple(float(c) for c in costs)
+        # rank 0 measures, every rank receives the same numbers, so every rank computes the same split
+        costs = numpy.array(profile_units(cfg.model, cfg.micro_batch, cfg.seq_len) if grid.rank == 0 else (0.0,) * 3)
+        costs = tuple(float(c) for c in grid.world.broadcast(costs, 0))
+    trainer = Trainer(cfg, grid, start.data, start.source, unit_costs=costs)
+    if start.resume:
+        r = start.resume
+        vectors = checkpoint.optimizer_vectors(r["optimizer"], trainer.flat, grid.coord.tp, grid.tp, cfg.precision)
+        trainer.load_state(r["manifest"]["step"], vectors, r["optimizer"]["step"], r["manifest"].get("loss_scaler"))
+        run.say(f"resumed from {r['dir']} at step {trainer.step}")
+    data = f"{run.args.data or 'built-in corpus'} ({start.data.num_sequences} sequences of {cfg.seq_len})"
+    run.say(console.banner(cfg, grid, split=trainer.split, memory=trainer.memory(), data=data))
+    return trainer
 
-    trainer = Trainer(cfg, grid, data, source, unit_costs=costs)
-    if resume:
-        checkpoint.restore_optimizer(trainer, resume["optimizer"])
-        trainer.scaler.load(resume["manifest"].get("loss_scaler") or trainer.scaler.state())
-        trainer.step = resume["manifest"]["step"]
-        run.say(f"resumed from {resume['dir']} at step {trainer.step}")
-    if not args.quiet:
-        run.say(console.banner(cfg, grid, trainer, args.data or "built-in corpus"))
 
-    preempt = args.preempt
-    watchdog = None
-    if run.world_size > 1 and args.comm_timeout > 0:
-        from mpmp.comm.mpi import MPI
-        from mpmp.comm.watchdog import Watchdog
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped early on request, state saved, run again to continue
+METRICS = ("step", "loss", "grad_norm", "lr", "step_s", "tokens_per_s", "comm_s", "loss_scale", "skipped")
 
-        watchdog = Watchdog(MPI().COMM_WORLD, args.comm_timeout).start()
 
-    # a resumed run appends to its metrics; a fresh start (also --resume auto with nothing saved) does not
-    metrics_file = open(args.metrics, "a" if resume else "w") if args.metrics and run.is_main else None
-    history = []
+def metrics_line(m: dict, memory: dict, run_id: str) -> str:
+    """One JSON line of --metrics: valid JSON always (a non-finite number is written as null)."""
+    values = {k: m[k] for k in METRICS} | memory | {"run_id": run_id}
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()}
+    return json.dumps(clean) + "\n"
+
+
+def parse_trace_steps(text: str | None, steps: int) -> tuple[int, int]:
+    """--trace-steps A:B (1-based, inclusive; either end may be left out) -> (A, B)."""
+    if not text:
+        return 1, steps
+    first, sep, last = text.partition(":")
+    try:
+        a, b = int(first) if first else 1, int(last) if last else steps
+    except ValueError:
+        a = b = 0
+    if not sep or a < 1 or b < a:
+        raise ConfigError(f"--trace-steps takes A:B with 1 <= A <= B (steps, inclusive), not {text!r}")
+    return a, b
+
+
+def train_loop(trainer, run: Run, append: bool) -> tuple[list, bool]:
+    """Steps until --steps or a stop request; writes metrics (appended to when resuming), progress and
+    periodic checkpoints. Returns (every step's metrics, whether the run was asked to stop)."""
+    from mpmp import checkpoint
+
+    args, cfg = run.args, trainer.cfg
+    led = ledger.get()
+    traced = parse_trace_steps(args.trace_steps, cfg.steps) if args.trace else None
+    metrics_file = open(args.metrics, "a" if append else "w") if args.metrics and run.is_main else None
     log_every = args.log_every or max(1, cfg.steps // 15)
-    start = time.perf_counter()
-    stopped = False
-    while trainer.step < cfg.steps:
-        m = trainer.train_step(stop_requested=preempt.is_set())
+    history, stopped = [], False
+    while trainer.step < cfg.steps and not stopped:
+        led.keep_events = traced is not None and traced[0] <= trainer.step + 1 <= traced[1]
+        m = trainer.train_step(stop_requested=run.preempt.is_set())
         history.append(m)
         if metrics_file:
-            line = {k: m[k] for k in METRICS} | trainer.memory()  # rank 0's bytes
-            metrics_file.write(json.dumps(line) + "\n")
+            metrics_file.write(metrics_line(m, trainer.memory(), run.run_id))  # rank 0's bytes
             metrics_file.flush()
         if m["step"] % log_every == 0 or m["step"] in (1, cfg.steps):
             run.say(console.progress(m, cfg.steps))
         if m["skipped"]:
-            run.say(
-                f"step {m['step']}: gradients overflowed in fp16: update skipped, loss scale {m['loss_scale']:g} -> {trainer.scaler.scale:g}"
-            )
-        if m["stop"]:
-            stopped = True
-            break
-        if args.save and args.save_every and trainer.step % args.save_every == 0:
-            checkpoint.save(trainer, args.save, keep_last=args.keep_last)
-    if args.save and (stopped or not args.save_every or trainer.step % args.save_every):
-        checkpoint.save(trainer, args.save, keep_last=args.keep_last)
-    if watchdog:
-        watchdog.stop()
-    wall = time.perf_counter() - start
+            run.say(f"step {m['step']}: gradients overflowed in fp16: update skipped, loss scale "
+                    f"{m['loss_scale']:g} -> {trainer.scaler.scale:g}")  # fmt: skip
+        stopped = m["stop"]
+        if args.save and args.save_every and trainer.step % args.save_every == 0 and not stopped:
+            checkpoint.save(args.save, trainer.state(), keep_last=args.keep_last)
     if metrics_file:
         metrics_file.close()
-    text = console.summary(grid, trainer, history, wall, run.is_main)
+    return history, stopped
+
+
+def finish(trainer, run: Run, history, stopped: bool, wall: float) -> int:
+    """The last checkpoint, the summary and the trace (collective); the exit code."""
+    from mpmp import checkpoint
+
+    args = run.args
+    if args.save and (stopped or not args.save_every or trainer.step % args.save_every):
+        checkpoint.save(args.save, trainer.state(), keep_last=args.keep_last)
+    text = console.summary(trainer.grid, trainer.memory(), history, wall, run.is_main)
     if text and run.is_main:
         print(text, flush=True)
     if args.trace:
-        run.say(console.write_trace(grid, args.trace, run.is_main))
+        run.say(console.write_trace(trainer.grid, args.trace, run.is_main, about=_trace_about(trainer, run)))
     if stopped:
         where = f"checkpoint saved in {args.save}" if args.save else "no --save given, nothing saved"
         run.say(f"preempted at step {trainer.step}: {where}; exit code {EXIT_PREEMPTED} asks the job to requeue")
@@ -303,8 +346,40 @@ def train(args, run: Run) -> int:
     return 0
 
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped early on request, state saved, run again to continue
-METRICS = ("step", "loss", "grad_norm", "lr", "step_s", "tokens_per_s", "comm_s", "loss_scale", "skipped")
+def _trace_about(trainer, run: Run) -> dict:
+    """The run, for the trace's otherData (mpmp.report reads it)."""
+    par = trainer.cfg.parallel
+    first, last = parse_trace_steps(run.args.trace_steps, trainer.cfg.steps)
+    return {
+        "run_id": run.run_id,
+        "layout": {"tp": par.tp, "pp": par.pp, "dp": par.dp, "cp": 1},
+        "schedule": par.schedule,
+        "micro_batches": par.micro_batches,
+        "virtual_stages": par.virtual_stages,
+        "world": trainer.grid.world_size,
+        "steps": [first, last],
+        "memory": trainer.memory(),  # gathered from every rank by console.write_trace
+    }
+
+
+def train(run: Run) -> int:
+    start = prepare(run)  # everything that needs no communication: checked identically on every rank
+    grid = make_grid(start.cfg, run.world_size)
+    ledger.install(ledger.Ledger(grid.rank, keep_events=False))
+    trainer = make_trainer(start, grid, run)
+    watchdog = None
+    if run.world_size > 1 and run.args.comm_timeout > 0:
+        from mpmp.comm.mpi import MPI
+        from mpmp.comm.watchdog import Watchdog
+
+        watchdog = Watchdog(MPI().COMM_WORLD, run.args.comm_timeout).start()
+    t0 = time.perf_counter()
+    # a resumed run appends to its metrics; a fresh start (also --resume auto with nothing saved) does not
+    history, stopped = train_loop(trainer, run, append=start.resume is not None)
+    wall = time.perf_counter() - t0
+    if watchdog:
+        watchdog.stop()
+    return finish(trainer, run, history, stopped, wall)
 
 
 def _install_preempt_handler(name):
@@ -320,12 +395,13 @@ def _install_preempt_handler(name):
     return event
 
 
-def _load_resume(args):
+def _load_resume(run: Run):
     """The checkpoint to resume from, checked against the flags: {"dir", "manifest", "model",
     "params", "optimizer"}; None for --resume auto with nothing saved yet (a first start)."""
     from mpmp import checkpoint
     from mpmp.errors import CheckpointError
 
+    args = run.args
     if args.resume != "auto":
         step_dir = checkpoint.resolve(args.resume)
     elif not args.save:
@@ -337,7 +413,7 @@ def _load_resume(args):
             return None
     manifest = checkpoint.read_manifest(step_dir)
     model = checkpoint.model_config_of(manifest)
-    if _given("--heads", args.argv) and args.heads != model.heads:
+    if run.given("--heads") and args.heads != model.heads:
         raise ConfigError(f"--heads {args.heads} disagrees with the checkpoint ({model.heads}); leave it out")
     saved = manifest["config"]
     for flag, mine, theirs in (
@@ -370,22 +446,22 @@ def _check_writable(folder, flag, create=False):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)
     # First of all, so a preemption signal during start-up (a long checkpoint load after a requeue)
     # is remembered instead of killing the rank.
     try:
-        args.preempt = _install_preempt_handler(args.preempt_signal)
+        preempt = _install_preempt_handler(args.preempt_signal)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    run = Run(args)
+    run = Run(args, argv, preempt)
     if run.world_size > 1:
         from mpmp.comm.mpi import abort_on_exception
 
         abort_on_exception()
     try:
-        return train(args, run)
+        return train(run)
     except MpmpError as exc:
         report_and_exit(exc, run)
     return 2
@@ -393,12 +469,12 @@ def main(argv=None) -> int:
 
 def report_and_exit(exc, run):
     """One line per rank, then end the job with exit code 2 (aborting peers that may be waiting)."""
-    print(f"rank {run.rank}: error: {exc}", file=sys.stderr, flush=True)
+    sys.stderr.write(f"rank {run.rank}: error: {exc}\n")
     if run.world_size > 1:
-        from mpmp.comm.mpi import MPI
+        from mpmp.comm.mpi import abort_world
 
-        time.sleep(0.5)  # let the other ranks print their line too
-        MPI().COMM_WORLD.Abort(exc.exit_code)
+        abort_world(exc.exit_code)
+    sys.stderr.flush()
     sys.exit(exc.exit_code)
 
 

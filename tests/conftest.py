@@ -18,7 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _mpi_size():
-    if not any(v in os.environ for v in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")):
+    from mpmp._setup import mpi_launched
+
+    if not mpi_launched():
         return 1
     from mpi4py import MPI
 

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from mpmp.bench import comm as bench
+from mpmp.comm.ledger import bus_factor
 
 
 @pytest.mark.parametrize(
@@ -21,7 +22,7 @@ from mpmp.bench import comm as bench
     ],
 )
 def test_busbw_uses_nccl_tests_factors(op, n, factor):
-    assert bench.bus_factor(op, n) == pytest.approx(factor)
+    assert bus_factor(op, n) == pytest.approx(factor)
     # 1 GB in 0.5 s is 2 GB/s of algorithm bandwidth, whatever the op
     assert bench.algbw(10**9, 0.5) == pytest.approx(2.0)
     assert bench.busbw(op, 10**9, 0.5, n) == pytest.approx(2.0 * factor)
@@ -80,7 +81,7 @@ def test_tiny_bench_prints_every_op_with_bandwidth_and_ratio(tmp_path, capsys):
     } | {(op, size // 4 // n * 4 * n) for op in ("all_gather", "reduce_scatter") for size in (1024, 1 << 20)}
     for r in result["rows"]:
         assert r["mpmp_busbw"] > 0 and r["raw_busbw"] > 0 and r["ratio"] > 0
-        assert r["mpmp_busbw"] == pytest.approx(r["mpmp_algbw"] * bench.bus_factor(r["op"], n))
+        assert r["mpmp_busbw"] == pytest.approx(r["mpmp_algbw"] * bus_factor(r["op"], n))
         assert r["ratio"] == pytest.approx(r["mpmp_busbw"] / r["raw_busbw"])
         calls = 2 * 2 * (2 if r["op"] == "sendrecv" else 1)  # iters x repeats x messages per call
         assert r["ledger_events"] == calls  # rank 0 takes part in every op, ping-pong included

@@ -60,7 +60,7 @@ def trained(tmp_path_factory):
     for _ in range(2):
         metrics = trainer.train_step()
     assert numpy.isfinite(metrics["loss"])
-    step_dir = checkpoint.save(trainer, str(root / "run"))
+    step_dir = checkpoint.save(str(root / "run"), trainer.state())
     out = str(root / "model.npz")
     assert checkpoint.main(["export", str(root / "run"), out]) == 0
     return trainer, str(root / "run"), step_dir, out
@@ -140,7 +140,7 @@ def test_imported_model_exports_the_same_tensors(trained, tmp_path):
     _, arrays = checkpoint.load_interchange(out, heads=H)
     again = make_trainer(source=arrays.__getitem__)
     assert_bit_equal(again.model.local_state(), arrays)
-    checkpoint.save(again, str(tmp_path / "again"))
+    checkpoint.save(str(tmp_path / "again"), again.state())
     out2 = str(tmp_path / "again.npz")
     assert checkpoint.main(["export", str(tmp_path / "again"), out2]) == 0
     _, arrays2 = checkpoint.load_interchange(out2, heads=H)
@@ -159,7 +159,7 @@ def test_export_preserves_every_bit_of_unusual_floats(tmp_path):
         return a
 
     trainer = make_trainer(source=source)
-    checkpoint.save(trainer, str(tmp_path / "ck"))
+    checkpoint.save(str(tmp_path / "ck"), trainer.state())
     out = str(tmp_path / "special.npz")
     checkpoint.export(str(tmp_path / "ck"), out)
     _, arrays = checkpoint.load_interchange(out, heads=H)
@@ -269,7 +269,7 @@ def test_missing_interchange_file_is_refused_naming_it(tmp_path):
 
 def test_changed_shard_fails_its_checksum(tmp_path):
     trainer = make_trainer()
-    step_dir = checkpoint.save(trainer, str(tmp_path / "ck"))
+    step_dir = checkpoint.save(str(tmp_path / "ck"), trainer.state())
     shard = Path(step_dir, "model_tp0_pp0.npz")
     arrays = dict(numpy.load(shard, allow_pickle=False))
     arrays["ln_f.bias"] = arrays["ln_f.bias"] + 1

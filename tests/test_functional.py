@@ -11,34 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy
 import pytest
+from helpers import numerical_grad, rel_error
 
 from mpmp.nn import functional as F
 
-H = 1e-6  # central-difference step: truncation ~h^2, rounding ~eps/h, both far below the tolerance
 TOL = 1e-6  # largest accepted relative error
-
-
-def numerical_grad(loss, x, h=H):
-    """dloss/dx by central differences; x is perturbed in place and restored."""
-    flat = x.reshape(-1)
-    assert numpy.shares_memory(flat, x)
-    grad = numpy.zeros(x.size, dtype=numpy.float64)
-    for i in range(x.size):
-        old = flat[i]
-        flat[i] = old + h
-        plus = loss()
-        flat[i] = old - h
-        minus = loss()
-        flat[i] = old
-        grad[i] = (plus - minus) / (2 * h)
-    return grad.reshape(x.shape)
-
-
-def rel_error(analytic, numeric):
-    """max|a - n| / max(max|a|, max|n|): scale-free, and 0 when both are 0."""
-    analytic, numeric = numpy.asarray(analytic), numpy.asarray(numeric)
-    scale = max(numpy.abs(analytic).max(), numpy.abs(numeric).max(), 1e-300)
-    return numpy.abs(analytic - numeric).max() / scale
 
 
 def assert_matches_fd(analytic, loss, x, what=""):

@@ -1,5 +1,5 @@
 """The whole GPT-2 of mpmp.model.gpt on one process: finite differences, PyTorch, recomputation, split
-backward; and AdamW against torch.optim.AdamW.
+backward.
 
 The model is tiny (2 layers, vocabulary 11, d_model 16) and its parameters are drawn far from GPT-2's
 initialisation (non-zero biases, LayerNorm weights away from one, matrices ten times larger), so that
@@ -10,12 +10,11 @@ import zlib
 
 import numpy
 import pytest
-from test_functional import numerical_grad, rel_error
+from helpers import numerical_grad, rel_error
 
 from mpmp.config import ModelConfig
 from mpmp.model.gpt import GPT, MicroBatch, param_infos, random_source
 from mpmp.nn.layers import run_weight_grads
-from mpmp.optim.adamw import AdamW
 
 CFG = ModelConfig(vocab=11, seq_len=8, d_model=16, layers=2, heads=2)
 BATCH = 2
@@ -232,45 +231,3 @@ def test_gradients_accumulate_over_micro_batches():
     assert sum(losses) == pytest.approx(whole_loss, rel=1e-13)
     for p in model.parameters():
         numpy.testing.assert_allclose(p.grad, expected[p.name], rtol=1e-10, atol=1e-14, err_msg=p.name)
-
-
-# ---------------------------------------------------------------------------------------------
-# AdamW
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("weight_decay", [0.1, 0.0])
-def test_adamw_matches_torch(weight_decay):
-    torch = pytest.importorskip("torch")
-    rng = numpy.random.default_rng(9)
-    n = 40
-    param = rng.standard_normal(n)
-    decay_mask = (rng.random(n) < 0.5).astype(numpy.float64)
-    decay_mask[:2] = [1, 0]
-    decay = decay_mask == 1
-    lrs = [1e-2, 3e-2, 2e-2, 5e-3, 1e-2]  # a changing learning rate, as a schedule gives
-    grads_seq = [rng.standard_normal(n) * 10 ** rng.uniform(-3, 1) for _ in lrs]
-
-    ours = AdamW(param.copy(), decay_mask, betas=(0.9, 0.95), eps=1e-8, weight_decay=weight_decay)
-    p_decay = torch.tensor(param[decay], requires_grad=True)
-    p_plain = torch.tensor(param[~decay], requires_grad=True)
-    ref = torch.optim.AdamW(
-        [
-            {"params": [p_decay], "weight_decay": weight_decay},
-            {"params": [p_plain], "weight_decay": 0.0},
-        ],
-        lr=lrs[0],
-        betas=(0.9, 0.95),
-        eps=1e-8,
-    )
-    for step, (lr, g) in enumerate(zip(lrs, grads_seq), start=1):
-        ours.step(g.copy(), lr)
-        for group in ref.param_groups:
-            group["lr"] = lr
-        p_decay.grad = torch.tensor(g[decay])
-        p_plain.grad = torch.tensor(g[~decay])
-        ref.step()
-        numpy.testing.assert_allclose(ours.param[decay], p_decay.detach().numpy(), rtol=1e-6, err_msg=f"step {step}")
-        numpy.testing.assert_allclose(ours.param[~decay], p_plain.detach().numpy(), rtol=1e-6, err_msg=f"step {step}")
-    assert ours.step_count == len(lrs)
-    assert not numpy.allclose(ours.param, param)  # it did move

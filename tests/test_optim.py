@@ -10,7 +10,7 @@ import numpy
 import pytest
 
 from mpmp.comm.group import SelfGroup
-from mpmp.config import ModelConfig
+from mpmp.config import AdamWConfig, ModelConfig
 from mpmp.errors import ConfigError
 from mpmp.model.gpt import GPT, random_source
 from mpmp.nn.layers import Parameter
@@ -18,7 +18,7 @@ from mpmp.optim.adamw import AdamW, adamw_update, runs
 from mpmp.optim.buffer import FlatParams
 from mpmp.optim.clip import clip_coefficient, local_sq_norm
 from mpmp.optim.lr import learning_rate
-from mpmp.optim.zero import Optimizer
+from mpmp.optim.optimizer import Optimizer
 
 TINY = ModelConfig(vocab=64, seq_len=16, d_model=16, layers=2, heads=2)
 
@@ -57,7 +57,7 @@ MASK = [1, 0, 1, 0]
 
 def run_adamw(dtype, lr=0.1, betas=(0.9, 0.95), eps=1e-8, wd=0.1, mask=MASK):
     param = numpy.array(THETA0, dtype=dtype)
-    opt = AdamW(param, numpy.array(mask, dtype=dtype), betas=betas, eps=eps, weight_decay=wd)
+    opt = AdamW(param, numpy.array(mask, dtype=dtype), AdamWConfig(*betas, eps=eps, weight_decay=wd))
     out = []
     for g in GRADS:
         opt.step(numpy.array(g, dtype=dtype), lr)
@@ -111,7 +111,7 @@ def test_adamw_eps_is_added_after_the_bias_correction():
 def test_weight_decay_applies_only_where_the_mask_is_one():
     # Zero gradients: only the decoupled decay moves the parameters.
     param = numpy.array([2.0, 2.0, -4.0, -4.0])
-    opt = AdamW(param, numpy.array([1, 0, 1, 0]), weight_decay=0.5)
+    opt = AdamW(param, numpy.array([1, 0, 1, 0]), AdamWConfig(weight_decay=0.5))
     opt.step(numpy.zeros(4), 0.1)
     opt.step(numpy.zeros(4), 0.1)
     numpy.testing.assert_allclose(param, [2.0 * 0.95**2, 2.0, -4.0 * 0.95**2, -4.0], rtol=1e-15)
@@ -119,7 +119,7 @@ def test_weight_decay_applies_only_where_the_mask_is_one():
 
 def test_weight_decay_uses_the_learning_rate_of_each_step():
     param = numpy.array([1.0])
-    opt = AdamW(param, numpy.array([1]), weight_decay=0.1)
+    opt = AdamW(param, numpy.array([1]), AdamWConfig(weight_decay=0.1))
     opt.step(numpy.zeros(1), 0.5)
     opt.step(numpy.zeros(1), 0.2)
     assert param[0] == pytest.approx((1 - 0.05) * (1 - 0.02), rel=1e-15)
@@ -128,29 +128,45 @@ def test_weight_decay_uses_the_learning_rate_of_each_step():
 def test_adamw_update_counts_steps_from_one():
     # At step 1 the bias correction makes the update exactly lr * g / (|g| + eps).
     param, m, v = numpy.array([0.0]), numpy.zeros(1), numpy.zeros(1)
-    adamw_update(param, numpy.array([2.0]), m, v, 1, 0.01, 0.9, 0.999, 1e-8, 0.0, [])
+    adamw_update(param, numpy.array([2.0]), m, v, step=1, lr=0.01, hp=AdamWConfig(0.9, 0.999, 1e-8, 0.0))
     assert param[0] == pytest.approx(-0.01 * 2.0 / (2.0 + 1e-8), rel=1e-14)
 
 
-def test_adamw_matches_torch_when_available():
+@pytest.mark.parametrize("weight_decay", [0.1, 0.0])
+def test_adamw_matches_torch(weight_decay):
     torch = pytest.importorskip("torch")
-    theta0 = numpy.random.default_rng(1).standard_normal((3, 4))
-    grads = [numpy.random.default_rng(2 + k).standard_normal((3, 4)) for k in range(3)]
-    w = torch.tensor(theta0.copy(), dtype=torch.float64, requires_grad=True)
-    b = torch.tensor(theta0[0].copy(), dtype=torch.float64, requires_grad=True)
-    topt_w = torch.optim.AdamW([w], lr=0.05, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    topt_b = torch.optim.AdamW([b], lr=0.05, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
-    flat = numpy.concatenate([theta0.reshape(-1), theta0[0]])
-    mask = numpy.concatenate([numpy.ones(12), numpy.zeros(4)])
-    ours = AdamW(flat, mask, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    for g in grads:
-        w.grad = torch.tensor(g, dtype=torch.float64)
-        b.grad = torch.tensor(g[0], dtype=torch.float64)
-        topt_w.step()
-        topt_b.step()
-        ours.step(numpy.concatenate([g.reshape(-1), g[0]]), 0.05)
-    numpy.testing.assert_allclose(flat[:12], w.detach().numpy().reshape(-1), rtol=1e-13, atol=1e-15)
-    numpy.testing.assert_allclose(flat[12:], b.detach().numpy(), rtol=1e-13, atol=1e-15)
+    rng = numpy.random.default_rng(9)
+    n = 40
+    param = rng.standard_normal(n)
+    decay_mask = (rng.random(n) < 0.5).astype(numpy.float64)
+    decay_mask[:2] = [1, 0]
+    decay = decay_mask == 1
+    lrs = [1e-2, 3e-2, 2e-2, 5e-3, 1e-2]  # a changing learning rate, as a schedule gives
+    grads_seq = [rng.standard_normal(n) * 10 ** rng.uniform(-3, 1) for _ in lrs]
+
+    ours = AdamW(param.copy(), decay_mask, AdamWConfig(0.9, 0.95, 1e-8, weight_decay))
+    p_decay = torch.tensor(param[decay], requires_grad=True)
+    p_plain = torch.tensor(param[~decay], requires_grad=True)
+    ref = torch.optim.AdamW(
+        [
+            {"params": [p_decay], "weight_decay": weight_decay},
+            {"params": [p_plain], "weight_decay": 0.0},
+        ],
+        lr=lrs[0],
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
+    for step, (lr, g) in enumerate(zip(lrs, grads_seq), start=1):
+        ours.step(g.copy(), lr)
+        for group in ref.param_groups:
+            group["lr"] = lr
+        p_decay.grad = torch.tensor(g[decay])
+        p_plain.grad = torch.tensor(g[~decay])
+        ref.step()
+        numpy.testing.assert_allclose(ours.param[decay], p_decay.detach().numpy(), rtol=1e-6, err_msg=f"step {step}")
+        numpy.testing.assert_allclose(ours.param[~decay], p_plain.detach().numpy(), rtol=1e-6, err_msg=f"step {step}")
+    assert ours.step_count == len(lrs)
+    assert not numpy.allclose(ours.param, param)  # it did move
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,7 +259,7 @@ def test_optimizer_grad_norm_counts_each_distinct_parameter_once():
     rng = numpy.random.default_rng(0)
     flat.grad[:] = rng.standard_normal(flat.grad.size).astype(flat.grad.dtype)
     want = math.sqrt(sum(float((p.grad.astype(numpy.float64) ** 2).sum()) for p in params if p.split is not None))
-    opt = Optimizer(flat, SelfGroup("dp"), [SelfGroup("mp")])
+    opt = Optimizer(flat, AdamWConfig(), dp_group=SelfGroup("dp"), norm_groups=[SelfGroup("mp")])
     assert opt.grad_norm() == pytest.approx(want, rel=1e-12)
 
 
@@ -345,9 +361,10 @@ def small_params():
 def test_optimizer_on_a_self_group_is_plain_adamw_on_the_flat_buffer(zero):
     model = GPT(TINY, random_source(TINY, 0))
     flat = FlatParams(model.parameters())
-    opt = Optimizer(flat, SelfGroup("dp"), [SelfGroup("mp")], zero=zero, betas=(0.9, 0.95), weight_decay=0.1)
+    hp = AdamWConfig(0.9, 0.95, weight_decay=0.1)
+    opt = Optimizer(flat, hp, dp_group=SelfGroup("dp"), norm_groups=[SelfGroup("mp")], zero=zero)
     ref_param = flat.data.copy()
-    ref = AdamW(ref_param, flat.decay_mask, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    ref = AdamW(ref_param, flat.decay_mask, hp)
     rng = numpy.random.default_rng(0)
     for step, (lr, scale) in enumerate(((1e-2, 1.0), (5e-3, 0.25), (2e-3, 1.0))):
         flat.grad[:] = rng.standard_normal(flat.grad.size).astype(numpy.float32)
@@ -363,7 +380,7 @@ def test_optimizer_on_a_self_group_is_plain_adamw_on_the_flat_buffer(zero):
 def test_optimizer_decays_matrices_not_biases_with_torch_values():
     params = small_params()
     flat = FlatParams(params)
-    opt = Optimizer(flat, SelfGroup("dp"), [SelfGroup("mp")], betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    opt = Optimizer(flat, AdamWConfig(0.9, 0.95, 1e-8, 0.1), dp_group=SelfGroup("dp"), norm_groups=[SelfGroup("mp")])
     grads = {"w": [[0.1, -0.2], [0.0, 3.0]], "b": [0.5, -0.05]}
     grads2 = {"w": [[-0.05, 0.4], [0.02, 3.0]], "b": [0.1, 0.1]}
     w, b = params
@@ -382,7 +399,7 @@ def test_optimizer_grad_scale_scales_the_gradient():
     # Clipping passes coef as grad_scale: AdamW must see grad * coef (visible once eps matters).
     params = small_params()
     flat = FlatParams(params)
-    opt = Optimizer(flat, SelfGroup("dp"), [SelfGroup("mp")], eps=0.1, weight_decay=0.0)
+    opt = Optimizer(flat, AdamWConfig(eps=0.1), dp_group=SelfGroup("dp"), norm_groups=[SelfGroup("mp")])
     w, b = params
     theta0 = w.data.reshape(-1).tolist() + b.data.tolist()
     w.grad[...] = [[0.1, -0.2], [0.0, 3.0]]
@@ -424,7 +441,7 @@ def test_trainer_reports_the_norm_before_clipping_and_steps_with_clipped_grads()
     assert coef < 1
     # The update is AdamW on grad * coef (eps = 1e-3 makes the scale visible in the update).
     ref_param = before.copy()
-    ref = AdamW(ref_param, clipped.flat.decay_mask, betas=(0.9, 0.95), eps=1e-3, weight_decay=0.1)
+    ref = AdamW(ref_param, clipped.flat.decay_mask, AdamWConfig(0.9, 0.95, 1e-3, 0.1))
     ref.step(clipped.flat.grad * numpy.float32(coef), 1e-2)
     numpy.testing.assert_allclose(clipped.flat.data, ref_param, rtol=1e-6, atol=1e-9)
     assert not numpy.allclose(clipped.flat.data, free.flat.data, rtol=1e-6, atol=1e-9)

@@ -8,7 +8,7 @@ import sys
 
 import numpy
 import pytest
-from mp_helpers import assert_close_dicts, gather_full, random_weights
+from helpers import assert_close_dicts, gather_full, random_weights
 
 from mpmp.comm import ledger
 from mpmp.config import ModelConfig

@@ -21,20 +21,10 @@ import time
 
 import numpy
 
+from mpmp.comm.ledger import bus_factor
+
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "sendrecv")
-_BUS_FACTOR = {
-    "all_reduce": lambda n: 2 * (n - 1) / n,
-    "all_gather": lambda n: (n - 1) / n,
-    "reduce_scatter": lambda n: (n - 1) / n,
-    "broadcast": lambda n: 1.0,
-    "sendrecv": lambda n: 1.0,
-}
 MiB = 1 << 20
-
-
-def bus_factor(op: str, n: int) -> float:
-    """nccl-tests' busbw / algbw for an operation on n ranks."""
-    return _BUS_FACTOR[op](n)
 
 
 def algbw(nbytes: int, seconds: float) -> float:

@@ -153,7 +153,14 @@ class _Case:
         self.program = S.build(schedule, grid.pp, m, grid.stage, v)
         model = SleepModel(grid.pp, grid.stage, v, unit_s)
         self.engine = PipelineEngine(
-            model, group, grid.pp, grid.stage, (grid.prev_stage, grid.next_stage), v, ACT_SHAPE, ACT_DTYPE
+            model,
+            group,
+            pp=grid.pp,
+            stage=grid.stage,
+            neighbours=(grid.prev_stage, grid.next_stage),
+            virtual_stages=v,
+            act_shape=ACT_SHAPE,
+            act_dtype=ACT_DTYPE,
         )
 
     def step(self):
@@ -289,7 +296,7 @@ def save_timeline_png(path: str, rows):
         import matplotlib.pyplot as plt
     except ImportError:
         raise ConfigError("--png needs matplotlib (pip install matplotlib)") from None
-    from mpmp.schedule import draw_timeline, save_figure
+    from mpmp.pipeline.timeline import draw_timeline, save_figure
 
     xmax = max(r["window_ms"] for r in rows)
     slots = max(r["window_ms"] / (r["unit_ms"] / r["v"]) for r in rows)  # narrowest bar ~ 0.3 inch

@@ -8,7 +8,8 @@ so the ranks of a tensor-parallel group are neighbours (on one node, where bandw
 Groups: tp (same dp, pp), dp (same tp, pp), pp (same tp, dp; group rank = stage), mp (tp x pp, same
 dp: the model-parallel group that holds one whole replica), embed (first and last stage of a
 pipeline: the tied embedding's gradient is summed there), world. Pipeline neighbours are computed
-here once.
+here once. Under mixed precision the grid's tp and pp groups carry activations as 16-bit patterns
+(`wire`); every other group keeps fp32.
 """
 
 from dataclasses import dataclass
@@ -49,9 +50,15 @@ def check_layout(world_size: int, tp: int, pp: int, dp: int | None = None) -> in
     return dp
 
 
+def layout_ranks(tp: int, pp: int, dp: int):
+    """(world rank, Coord) of every rank of a layout, in rank order."""
+    return [(r, coord_of(r, tp, dp)) for r in range(tp * pp * dp)]
+
+
 class ProcessGrid:
-    def __init__(self, tp: int = 1, pp: int = 1, dp: int | None = None, comm=None):
-        """Build every group from comm (default MPI.COMM_WORLD). Validates before any collective."""
+    def __init__(self, tp: int = 1, pp: int = 1, dp: int | None = None, comm=None, wire: str | None = None):
+        """Build every group from comm (default MPI.COMM_WORLD). Validates before any collective.
+        wire: "bf16" or "fp16" for mixed precision's 16-bit activation traffic (tp and pp groups)."""
         if comm is None:
             from mpmp.comm.mpi import MPI
 
@@ -62,7 +69,9 @@ class ProcessGrid:
         self.rank = comm.Get_rank()
         self.coord = coord_of(self.rank, tp, self.dp)
         self.comm = comm
+        self.wire = wire
         self._build(comm)
+        self.tp_group.wire = self.pp_group.wire = wire
 
     def _build(self, comm):
         from mpmp.comm.mpi import MPIGroup
@@ -133,7 +142,8 @@ class ProcessGrid:
 class LocalGrid:
     """The grid of a single process (tp = pp = dp = 1) without starting MPI."""
 
-    def __init__(self):
+    def __init__(self, wire: str | None = None):
+        self.wire = wire  # nothing crosses a process boundary: kept for the trainer's check
         self.tp = self.pp = self.dp = 1
         self.world_size, self.rank = 1, 0
         self.coord = Coord(0, 0, 0)
@@ -155,4 +165,4 @@ def MPI_UNDEFINED():
     return MPI().UNDEFINED
 
 
-__all__ = ["ProcessGrid", "LocalGrid", "Coord", "coord_of", "world_rank", "check_layout", "Group"]
+__all__ = ["ProcessGrid", "LocalGrid", "Coord", "coord_of", "world_rank", "layout_ranks", "check_layout", "Group"]

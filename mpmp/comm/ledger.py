@@ -17,27 +17,36 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-_WIRE_FACTOR = {
+# nccl-tests' bus-bandwidth factors (busbw = algbw x factor, PERFORMANCE.md there): with ring
+# algorithms, also the share of the message each rank sends. A size-1 group records nothing.
+_BUS_FACTOR = {
     "all_reduce": lambda n: 2 * (n - 1) / n,
     "all_gather": lambda n: (n - 1) / n,
     "reduce_scatter": lambda n: (n - 1) / n,
-    "broadcast": lambda n: 1.0 if n > 1 else 0.0,
+    "broadcast": lambda n: 1.0,
     "send": lambda n: 1.0,
+    "sendrecv": lambda n: 1.0,
     "recv": lambda n: 0.0,
 }
 
 
+def bus_factor(kind: str, n: int) -> float:
+    """busbw / algbw of an operation on n ranks (a non-blocking "iall_reduce" as its blocking twin);
+    0 for operations that move no payload (barrier)."""
+    base = kind[1:] if kind.startswith("i") and kind[1:] in _BUS_FACTOR else kind
+    factor = _BUS_FACTOR.get(base)
+    return factor(n) if factor else 0.0
+
+
 def wire_bytes(kind: str, nbytes: int, group_size: int) -> float:
     """Bytes one rank sends for an operation of this message size (ring algorithms)."""
-    base = kind[1:] if kind.startswith("i") and kind[1:] in _WIRE_FACTOR else kind
-    factor = _WIRE_FACTOR.get(base)
-    return nbytes * factor(group_size) if factor else 0.0
+    return nbytes * bus_factor(kind, group_size)
 
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    kind: str  # all_reduce, all_gather, reduce_scatter, broadcast, send, recv, ... or compute:<name>
-    group: str  # tp, dp, pp, embed, world, ...
+    kind: str  # all_reduce, all_gather, reduce_scatter, broadcast, send, recv, ... or <span cat>:<name>
+    group: str  # tp, dp, pp, embed, world, ...; for spans their category (compute, step)
     group_size: int
     peer: int  # group rank of the peer for send/recv, -1 for collectives
     nbytes: int
@@ -46,6 +55,7 @@ class Event:
     end: float
     seq: int  # sequence number of this operation within its group on this rank
     label: str  # the model scope that issued it, e.g. "h.3" ("" outside the model)
+    blocked: float = 0.0  # seconds this rank waited for it (the whole span unless non-blocking)
 
     @property
     def wire_bytes(self) -> float:
@@ -107,11 +117,13 @@ class Ledger:
         total[2] += stop - start if blocked is None else blocked
         self.last_done[group] = (seq, kind, label)
         if self.keep_events:
-            self.events.append(Event(kind, group, group_size, peer, nbytes, dtype, start, stop, seq, label))
+            waited = stop - start if blocked is None else blocked
+            self.events.append(Event(kind, group, group_size, peer, nbytes, dtype, start, stop, seq, label, waited))
 
     @contextmanager
-    def span(self, name: str, group: str = "compute"):
-        """A computation span (forward/backward of a micro-batch) for the timeline; events only."""
+    def span(self, name: str, cat: str = "compute"):
+        """A span of work for the timeline, events only: cat "compute" (a micro-batch's forward or
+        backward, a recomputation, the optimizer) or "step" (a whole training step, named "step K")."""
         if not self.keep_events:
             yield
             return
@@ -119,55 +131,68 @@ class Ledger:
         try:
             yield
         finally:
-            self.events.append(Event("compute:" + name, group, 1, -1, 0, "", start, self.now(), -1, self.label))
+            self.events.append(Event(f"{cat}:{name}", cat, 1, -1, 0, "", start, self.now(), -1, self.label))
 
     def comm_seconds(self) -> float:
         return sum(t[2] for t in self.totals.values())
 
     def summary_rows(self):
         """[(kind, group, count, bytes, seconds)] sorted by group then kind."""
-        rows = [(k, g, c, b, s) for (k, g), (c, b, s) in self.totals.items()]
-        return sorted(rows, key=lambda r: (r[1], r[0]))
+        return _sorted_rows(self.totals)
 
     def reset(self):
         self.events.clear()
         self.totals.clear()
 
     def chrome_events(self):
-        """This rank's events as Chrome trace 'X' (complete) events; pid = rank, one track each."""
-        out = []
-        for e in self.events:
-            compute = e.kind.startswith("compute:")
-            out.append(
-                {
-                    "name": e.kind[len("compute:") :] if compute else f"{e.kind} {e.group}",
-                    "cat": "compute" if compute else e.group,
-                    "ph": "X",
-                    "ts": e.start * 1e6,
-                    "dur": max(e.end - e.start, 0.0) * 1e6,
-                    "pid": self.rank,
-                    "tid": 0 if compute else 1,
-                    "args": {
-                        "bytes": e.nbytes,
-                        "peer": e.peer,
-                        "seq": e.seq,
-                        "label": e.label,
-                        "dtype": e.dtype,
-                    },
-                }
-            )
-        return out
+        """This rank's events as Chrome trace 'X' (complete) events; pid = rank, tid 0 for spans of
+        work, tid 1 for communication (args.blocked_us: the time this rank waited)."""
+        return [_chrome_event(e, self.rank) for e in self.events]
 
 
-def chrome_trace(per_rank_events: list[list[dict]]) -> str:
-    """Merge ranks' event lists into one Chrome trace (openable in Perfetto or chrome://tracing)."""
+SPAN_CATS = ("compute", "step")
+
+
+def _chrome_event(e: Event, rank: int) -> dict:
+    cat, _, name = e.kind.partition(":")
+    common = {"ph": "X", "ts": e.start * 1e6, "dur": max(e.end - e.start, 0.0) * 1e6, "pid": rank}
+    if cat in SPAN_CATS and name:
+        args = {"label": e.label} | ({"step": int(name.split()[-1])} if cat == "step" else {})
+        return common | {"name": name, "cat": cat, "tid": 0, "args": args}
+    args = {"bytes": e.nbytes, "peer": e.peer, "seq": e.seq, "label": e.label, "dtype": e.dtype}
+    args["blocked_us"] = e.blocked * 1e6
+    return common | {"name": f"{e.kind} {e.group}", "cat": e.group, "tid": 1, "args": args}
+
+
+def chrome_trace(per_rank_events: list[list[dict]], about: dict | None = None) -> str:
+    """Merge ranks' event lists into one Chrome trace (openable in Perfetto or chrome://tracing);
+    `about` (the run: id, layout, schedule, memory per rank) goes to otherData.mpmp."""
     events = []
     for rank, evs in enumerate(per_rank_events):
         events.append({"name": "process_name", "ph": "M", "pid": rank, "args": {"name": f"rank {rank}"}})
         events.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": 0, "args": {"name": "compute"}})
         events.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": 1, "args": {"name": "comm"}})
         events.extend(evs)
-    return json.dumps({"traceEvents": events, "displayTimeUnit": "ms"})
+    trace = {"traceEvents": events, "displayTimeUnit": "ms"}
+    if about is not None:
+        trace["otherData"] = {"mpmp": about}
+    return json.dumps(trace)
+
+
+def _sorted_rows(totals) -> list:
+    return sorted(((k, g, c, b, s) for (k, g), (c, b, s) in totals.items()), key=lambda r: (r[1], r[0]))
+
+
+def merge_rows(per_rank_rows) -> list:
+    """Several ranks' summary_rows() summed per (kind, group), in the same row format and order."""
+    totals = defaultdict(lambda: [0, 0, 0.0])
+    for rows in per_rank_rows:
+        for kind, group, count, nbytes, secs in rows:
+            t = totals[(kind, group)]
+            t[0] += count
+            t[1] += nbytes
+            t[2] += secs
+    return _sorted_rows(totals)
 
 
 def format_summary(rows, title="communication") -> str:

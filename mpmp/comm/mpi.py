@@ -169,6 +169,19 @@ def world_group() -> MPIGroup:
     return MPIGroup(MPI().COMM_WORLD, "world")
 
 
+def abort_world(code: int, comm=None):
+    """End the whole job with exit code `code`, after this rank has printed its line(s): flush, give
+    the launcher a moment to forward the output (it may drop what comes last), then MPI_Abort. The
+    peers may be waiting in a collective; without the abort they would wait forever."""
+    sys.stderr.flush()
+    sys.stdout.flush()
+    comm = comm if comm is not None else (MPI().COMM_WORLD if _MPI is not None else None)
+    if comm is not None and comm.Get_size() > 1:
+        time.sleep(0.5)
+        comm.Abort(code)
+    os._exit(code)
+
+
 def abort_on_exception():
     """Make an uncaught exception on any rank abort the whole job with that rank's message.
 
@@ -180,17 +193,13 @@ def abort_on_exception():
     def hook(exc_type, exc, tb):
         rank = MPI().COMM_WORLD.Get_rank() if _MPI is not None else 0
         # The rank's line first: when the job is aborted, the launcher may drop what comes last.
-        print(f"rank {rank}: {exc_type.__name__}: {exc}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"rank {rank}: {exc_type.__name__}: {exc}\n")
+        sys.stderr.flush()
         if issubclass(exc_type, MpmpError):
             code = exc.exit_code
         else:
             traceback.print_exception(exc_type, exc, tb, file=sys.stderr)
             code = 1
-        sys.stderr.flush()
-        sys.stdout.flush()
-        if _MPI is not None and MPI().COMM_WORLD.Get_size() > 1:
-            time.sleep(0.5)  # give the launcher time to forward this rank's output
-            MPI().COMM_WORLD.Abort(code)
-        os._exit(code)
+        abort_world(code)
 
     sys.excepthook = hook

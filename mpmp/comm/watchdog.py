@@ -17,6 +17,8 @@ import numpy
 
 from mpmp.comm import ledger as _ledger
 
+EXIT_WATCHDOG = 3  # the job was aborted because an operation waited longer than --comm-timeout
+
 
 class Watchdog:
     def __init__(self, comm, timeout: float, poll: float = 0.5, exchange_wait: float = 5.0):
@@ -63,9 +65,9 @@ class Watchdog:
         report = self._exchange({"group": group, "seq": seq, "kind": kind})
         if report and self.rank == 0:
             sys.stderr.write(report + "\n")
-            sys.stderr.flush()
-        time.sleep(0.5)
-        self.comm.Abort(3)
+        from mpmp.comm.mpi import abort_world
+
+        abort_world(EXIT_WATCHDOG, self.comm)
 
     def _exchange(self, mine):
         """All ranks' stuck operations, gathered with a bounded wait; the desync report (rank 0)."""

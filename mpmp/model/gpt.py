@@ -152,12 +152,7 @@ class Head:
         del h
         b, s, v = logits.shape
         loss, c3 = P.vocab_parallel_cross_entropy(
-            logits.reshape(b * s, v),
-            mb.targets,
-            mb.loss_scale,
-            self.group,
-            self.vocab_start,
-            self.vocab_valid,
+            logits.reshape(b * s, v), mb.targets, mb.loss_scale, self.group, self.vocab_start, self.vocab_valid
         )
         return loss, (c1, c2, c3, (b, s, v))
 
@@ -259,17 +254,8 @@ class GPT:
     precision: None, or "bf16"/"fp16" for activations stored in that format between modules.
     """
 
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        source,
-        ranges=None,
-        group=None,
-        sp=False,
-        recompute="none",
-        dtype=numpy.float32,
-        precision=None,
-    ):
+    def __init__(self, cfg: ModelConfig, source, *, ranges=None, group=None, sp=False, recompute="none",
+                 dtype=numpy.float32, precision=None):  # fmt: skip
         self.cfg = cfg
         group = group or SelfGroup("tp")
         self.group, self.sp = group, sp

@@ -36,7 +36,12 @@ def linear_backward_weight(dy, x, dw, db=None):
     dy2 = dy.reshape(-1, dy.shape[-1])
     dw += x2.T @ dy2
     if db is not None:
-        db += dy2.sum(axis=0)
+        bias_backward(dy, db)
+
+
+def bias_backward(dy, db):
+    """db += dy summed over every position (y = ... + b)."""
+    db += dy.reshape(-1, dy.shape[-1]).sum(axis=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,9 +79,9 @@ def layernorm_forward(x, w, b, eps=1e-5):
     var = (xc * xc).mean(axis=-1, keepdims=True)
     rstd = 1.0 / xp.sqrt(var + eps)
     xhat = xc
-    xhat *= rstd
+    xhat *= rstd  # xhat = (x - mean) / sqrt(var + eps)
     y = xhat * w
-    y += b
+    y += b  # y = xhat * w + b
     return y, (xhat, rstd, w)
 
 
@@ -91,9 +96,9 @@ def layernorm_backward(dy, cache, dw, db):
     g = dy * w
     mean_g = g.mean(axis=-1, keepdims=True)
     mean_gx = (g * xhat).mean(axis=-1, keepdims=True)
-    g -= mean_g
-    g -= xhat * mean_gx
-    g *= rstd
+    g -= mean_g  # g - mean(g)
+    g -= xhat * mean_gx  # ... - xhat * mean(g * xhat)
+    g *= rstd  # ... * rstd = dx
     return g
 
 
@@ -113,11 +118,11 @@ def gelu_forward(x):
     inner *= a
     inner += 1
     inner *= x
-    inner *= c
-    t = xp.tanh(inner, out=inner)
+    inner *= c  # inner = c (x + a x^3)
+    t = xp.tanh(inner, out=inner)  # t = tanh(inner)
     y = t + 1
     y *= x
-    y *= 0.5
+    y *= 0.5  # y = 0.5 x (1 + t)
     return y, (x, t)
 
 
@@ -129,16 +134,16 @@ def gelu_backward(dy, cache):
     dinner = x * x
     dinner *= a3
     dinner += 1
-    dinner *= c
+    dinner *= c  # d inner / dx = c (1 + 3a x^2)
     sech2 = t * t
     sech2 -= 1
-    sech2 *= -1
+    sech2 *= -1  # d tanh = 1 - t^2
     dinner *= sech2
-    dinner *= x
+    dinner *= x  # x (1 - t^2) c (1 + 3a x^2)
     dinner += t
     dinner += 1
-    dinner *= 0.5
-    dinner *= dy
+    dinner *= 0.5  # 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3a x^2)
+    dinner *= dy  # chain rule
     return dinner
 
 
@@ -161,10 +166,10 @@ def _attention_probs(qs, k):
     """softmax(qs k^T + causal mask) over the last axis, qs already scaled by 1/sqrt(hd)."""
     xp = array_module(qs)
     s = qs @ k.swapaxes(-1, -2)
-    s += _causal_mask(xp, qs.shape[-2], qs.dtype)
-    s -= s.max(axis=-1, keepdims=True)
+    s += _causal_mask(xp, qs.shape[-2], qs.dtype)  # -inf above the diagonal
+    s -= s.max(axis=-1, keepdims=True)  # the row max subtracted: exp never overflows
     xp.exp(s, out=s)
-    s /= s.sum(axis=-1, keepdims=True)
+    s /= s.sum(axis=-1, keepdims=True)  # p = exp(s) / sum exp(s)
     return s
 
 
@@ -191,7 +196,7 @@ def attention_backward(dout, cache):
     # softmax backward: ds = p * (dp - sum(dp * p))
     rowdot = (dp * p).sum(axis=-1, keepdims=True)
     dp -= rowdot
-    dp *= p
+    dp *= p  # ds
     dq = dp @ k
     dq *= qs.dtype.type(1.0 / math.sqrt(qs.shape[-1]))
     dk = dp.swapaxes(-1, -2) @ qs
@@ -240,15 +245,8 @@ def _identity(x):
     return x
 
 
-def cross_entropy_forward(
-    logits,
-    targets,
-    scale,
-    vocab_start=0,
-    vocab_valid=None,
-    all_reduce_max=_identity,
-    all_reduce_sum=_identity,
-):
+def cross_entropy_forward(logits, targets, scale, *, vocab_start=0, vocab_valid=None, all_reduce_max=_identity,
+                          all_reduce_sum=_identity):  # fmt: skip
     """scale * sum over rows of -log softmax(logits)[target]; logits [N, V_local] are overwritten.
 
     With a vocabulary split over ranks (Megatron's vocab-parallel cross-entropy, arXiv 1909.08053 §3),
@@ -281,7 +279,7 @@ def cross_entropy_backward(cache):
     """d loss / d logits = scale * (softmax - onehot(target)); reuses the exponentials in place."""
     exp_logits, sum_exp, rows, safe_t, own, scale = cache
     dlogits = exp_logits
-    dlogits /= sum_exp[:, None]
-    dlogits[rows[own], safe_t[own]] -= 1
+    dlogits /= sum_exp[:, None]  # softmax
+    dlogits[rows[own], safe_t[own]] -= 1  # - onehot(target), on the rank that owns the target
     dlogits *= dlogits.dtype.type(scale)
     return dlogits

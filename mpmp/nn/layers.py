@@ -7,6 +7,7 @@ being run, and `run_weight_grads(wgrad)` performs them later from the same cache
 """
 
 from mpmp.backend import xp
+from mpmp.comm import ledger
 from mpmp.nn import functional as F
 
 
@@ -54,31 +55,6 @@ def run_weight_grads(wgrad):
     wgrad.clear()
 
 
-class Linear:
-    """y = x @ W + b with W [in, out] (GPT-2 Conv1D layout)."""
-
-    def __init__(self, weight: Parameter, bias: Parameter | None):
-        self.weight, self.bias = weight, bias
-
-    def parameters(self):
-        return [p for p in (self.weight, self.bias) if p is not None]
-
-    def forward(self, x):
-        return F.linear_forward(x, self.weight.data, None if self.bias is None else self.bias.data)
-
-    def backward(self, dy, x, wgrad=None):
-        dx = F.linear_backward_input(dy, self.weight.data)
-        defer(
-            wgrad,
-            F.linear_backward_weight,
-            dy,
-            x,
-            self.weight.grad,
-            None if self.bias is None else self.bias.grad,
-        )
-        return dx
-
-
 class LayerNorm:
     def __init__(self, weight: Parameter, bias: Parameter, eps=1e-5):
         self.weight, self.bias, self.eps = weight, bias, eps
@@ -97,8 +73,8 @@ class LayerNorm:
 class Attention:
     """Causal self-attention over the heads this rank owns: c_attn -> split heads -> core -> c_proj.
 
-    c_attn and c_proj are Linear-like (in tensor parallelism a column- and a row-parallel linear), so
-    the same block serves one process and any tp. keep_probs=False recomputes the softmax in backward.
+    c_attn and c_proj are a column- and a row-parallel linear (nn/parallel.py); on a tp group of size 1
+    they are the dense layers, so the same block serves one process and any tp. keep_probs=False recomputes the softmax in backward.
     """
 
     def __init__(self, c_attn, c_proj, n_heads_local, keep_probs=True):
@@ -180,7 +156,8 @@ class Block:
 
     def backward(self, dy, cache, wgrad=None):
         if self.recompute == "full":
-            _, cache = self._forward(cache)
+            with ledger.get().span("recompute"):
+                _, cache = self._forward(cache)
         c1, c2, c3, c4 = cache
         dh = self.mlp.backward(dy, c4, wgrad)
         dx1 = self.ln_2.backward(dh, c3, wgrad)

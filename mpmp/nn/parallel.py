@@ -2,12 +2,13 @@
 
 The conjugate operators are plain functions in forward/backward pairs, named as in Megatron:
 
-    f  copy_to_tp          forward identity           backward all-reduce
-    g  reduce_from_tp      forward all-reduce         backward identity
-       gather_from_tp      forward all-gather (last)  backward take own slice
-       scatter_to_tp       forward take own slice     backward all-gather (last)
-    SP gather_from_sp      forward all-gather (seq)   backward reduce-scatter (seq)
-    SP reduce_scatter_to_sp forward reduce-scatter     backward all-gather (seq)
+    f   copy_to_tp             forward identity              backward all-reduce
+    g   reduce_from_tp         forward all-reduce            backward identity
+    SP  gather_from_sp         forward all-gather (seq)      backward reduce-scatter (seq)
+    SP  reduce_scatter_to_sp   forward reduce-scatter (seq)  backward all-gather (seq)
+
+(Megatron's gather/scatter along the hidden axis have no use here: the vocab-parallel cross-entropy
+never gathers the logits.)
 
 With a tp group of size 1 every operator is the identity, so the layers below are the dense layers.
 """
@@ -44,23 +45,6 @@ def reduce_from_tp_backward(dx, group):
     return dx
 
 
-def gather_from_tp(x, group):
-    """Concatenate the last dimension's shards."""
-    return group.all_gather(x, axis=-1)
-
-
-def gather_from_tp_backward(dx, group):
-    return _own_block(dx, group, axis=-1)
-
-
-def scatter_to_tp(x, group):
-    return _own_block(x, group, axis=-1)
-
-
-def scatter_to_tp_backward(dx, group):
-    return group.all_gather(dx, axis=-1)
-
-
 def gather_from_sp(x, group):
     """SP: sequence shards -> the whole sequence, before a column-parallel linear."""
     return group.all_gather(x, axis=SEQ_AXIS)
@@ -77,21 +61,6 @@ def reduce_scatter_to_sp(x, group):
 
 def reduce_scatter_to_sp_backward(dx, group):
     return group.all_gather(dx, axis=SEQ_AXIS)
-
-
-def scatter_to_sp(x, group):
-    return _own_block(x, group, axis=SEQ_AXIS)
-
-
-def _own_block(x, group, axis):
-    if group.size == 1:
-        return x
-    xp = array_module(x)
-    n = x.shape[axis]
-    if n % group.size:
-        raise ValueError(f"dimension {axis} ({n}) must be divisible by tp ({group.size})")
-    k = n // group.size
-    return xp.ascontiguousarray(xp.take(x, xp.arange(group.rank * k, (group.rank + 1) * k), axis=axis))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,18 +122,25 @@ def unshard(parts, split, full_shape):
 # ---------------------------------------------------------------------------------------------
 
 
-class ColumnParallelLinear:
+class _ParallelLinear:
+    """A weight and an optional bias over a tp group (under SP, sequence-sharded activations)."""
+
+    def __init__(self, weight: Parameter, bias: Parameter | None, group, sequence_parallel=False):
+        self.weight, self.bias, self.group, self.sp = weight, bias, group, sequence_parallel
+
+    def parameters(self):
+        return [p for p in (self.weight, self.bias) if p is not None]
+
+
+class ColumnParallelLinear(_ParallelLinear):
     """y_r = x @ W[:, cols_r] + b[cols_r]: the input enters through f (or the SP all-gather).
 
     transpose=True stores the weight as [out, in] (the tied output head uses wte [V, D] directly).
     """
 
     def __init__(self, weight: Parameter, bias: Parameter | None, group, sequence_parallel=False, transpose=False):
-        self.weight, self.bias, self.group = weight, bias, group
-        self.sp, self.transpose = sequence_parallel, transpose
-
-    def parameters(self):
-        return [p for p in (self.weight, self.bias) if p is not None]
+        super().__init__(weight, bias, group, sequence_parallel)
+        self.transpose = transpose
 
     def _w(self):
         return self.weight.data.T if self.transpose else self.weight.data
@@ -180,15 +156,9 @@ class ColumnParallelLinear:
         return gather_from_sp_backward(dx_in, self.group) if self.sp else copy_to_tp_backward(dx_in, self.group)
 
 
-class RowParallelLinear:
+class RowParallelLinear(_ParallelLinear):
     """y = g(x_r @ W[rows_r, :]) + b: partial products summed by g (or the SP reduce-scatter); the bias
     is added once, after the sum."""
-
-    def __init__(self, weight: Parameter, bias: Parameter | None, group, sequence_parallel=False):
-        self.weight, self.bias, self.group, self.sp = weight, bias, group, sequence_parallel
-
-    def parameters(self):
-        return [p for p in (self.weight, self.bias) if p is not None]
 
     def forward(self, x):
         y, _ = F.linear_forward(x, self.weight.data)
@@ -199,15 +169,11 @@ class RowParallelLinear:
 
     def backward(self, dy, x, wgrad=None):
         if self.bias is not None:
-            defer(wgrad, _bias_grad, dy, self.bias.grad)
+            defer(wgrad, F.bias_backward, dy, self.bias.grad)
         dy_in = reduce_scatter_to_sp_backward(dy, self.group) if self.sp else reduce_from_tp_backward(dy, self.group)
         dx = F.linear_backward_input(dy_in, self.weight.data)
         defer(wgrad, F.linear_backward_weight, dy_in, x, self.weight.grad, None)
         return dx
-
-
-def _bias_grad(dy, db):
-    db += dy.reshape(-1, dy.shape[-1]).sum(axis=0)
 
 
 class VocabParallelEmbedding:

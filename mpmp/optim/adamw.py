@@ -9,8 +9,8 @@ applies where decay_mask is 1 (matrices and embeddings), never to biases or Laye
 import math
 
 from mpmp.backend import array_module
-
-CHUNK = 1 << 16  # elements per pass: 256 KiB of float32, comfortably inside L2
+from mpmp.config import AdamWConfig
+from mpmp.optim.buffer import CHUNK
 
 
 def runs(mask) -> list[tuple[int, int]]:
@@ -22,20 +22,17 @@ def runs(mask) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[0::2], edges[1::2])]
 
 
-def adamw_update(
-    param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, decay_runs, scratch=None, grad_scale=1.0
-):
-    """One AdamW step in place on flat arrays (step counts from 1), in torch's order of operations:
-    decay, m <- m + (1-b1)(g - m), v <- b2 v + (1-b2) g^2, p <- p - lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps),
+def adamw_update(param, grad, m, v, *, step: int, lr: float, hp: AdamWConfig, decay_runs=(), scratch=None,
+                 grad_scale=1.0):  # fmt: skip
+    """One AdamW step in place on flat arrays (step counts from 1), in torch's order of operations,
     with g = grad * grad_scale (clipping, loss scale) formed chunk by chunk; grad is not modified."""
     xp = array_module(param)
-    if weight_decay:
-        keep = 1 - lr * weight_decay
+    if hp.weight_decay:
+        keep = 1 - lr * hp.weight_decay
         for lo, hi in decay_runs:
-            param[lo:hi] *= keep
-    bias1 = 1 - beta1**step
-    bias2_sqrt = math.sqrt(1 - beta2**step)
-    step_size = lr / bias1
+            param[lo:hi] *= keep  # decoupled decay: p <- p (1 - lr wd), before the moments
+    bias2_sqrt = math.sqrt(1 - hp.beta2**step)
+    step_size = lr / (1 - hp.beta1**step)
     if scratch is None:
         scratch = xp.empty((2, min(CHUNK, param.size)), dtype=param.dtype)
     for lo in range(0, param.size, CHUNK):
@@ -43,17 +40,17 @@ def adamw_update(
         p, g, mc, vc, t = param[lo:hi], grad[lo:hi], m[lo:hi], v[lo:hi], scratch[0, : hi - lo]
         if grad_scale != 1.0:
             g = xp.multiply(g, grad_scale, out=scratch[1, : hi - lo])
-        xp.subtract(g, mc, out=t)
-        t *= 1 - beta1
+        xp.subtract(g, mc, out=t)  # m <- m + (1 - b1)(g - m)
+        t *= 1 - hp.beta1
         mc += t
-        xp.multiply(g, g, out=t)
-        t *= 1 - beta2
-        vc *= beta2
+        xp.multiply(g, g, out=t)  # v <- b2 v + (1 - b2) g^2
+        t *= 1 - hp.beta2
+        vc *= hp.beta2
         vc += t
-        xp.sqrt(vc, out=t)
+        xp.sqrt(vc, out=t)  # t <- sqrt(v) / sqrt(1 - b2^step) + eps
         t /= bias2_sqrt
-        t += eps
-        xp.divide(mc, t, out=t)
+        t += hp.eps
+        xp.divide(mc, t, out=t)  # p <- p - lr / (1 - b1^step) * m / t
         t *= step_size
         p -= t
 
@@ -61,12 +58,10 @@ def adamw_update(
 class AdamW:
     """State (m, v) for one flat parameter buffer or a slice of it."""
 
-    def __init__(self, param, decay_mask, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0):
+    def __init__(self, param, decay_mask, hp: AdamWConfig | None = None):
         xp = array_module(param)
-        self.param = param
+        self.param, self.hp = param, hp or AdamWConfig()
         self.decay_runs = runs(decay_mask)
-        self.beta1, self.beta2 = betas
-        self.eps, self.weight_decay = eps, weight_decay
         self.m = xp.zeros_like(param)
         self.v = xp.zeros_like(param)
         self.scratch = xp.empty((2, min(CHUNK, max(1, param.size))), dtype=param.dtype)
@@ -74,10 +69,8 @@ class AdamW:
 
     def step(self, grad, lr, grad_scale=1.0):
         self.step_count += 1
-        adamw_update(
-            self.param, grad, self.m, self.v, self.step_count, lr,
-            self.beta1, self.beta2, self.eps, self.weight_decay, self.decay_runs, self.scratch, grad_scale,
-        )  # fmt: skip
+        adamw_update(self.param, grad, self.m, self.v, step=self.step_count, lr=lr, hp=self.hp,
+                     decay_runs=self.decay_runs, scratch=self.scratch, grad_scale=grad_scale)  # fmt: skip
 
     def state_bytes(self) -> int:
         return self.m.nbytes + self.v.nbytes

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from mpmp.backend import array_module
 
+CHUNK = 1 << 16  # elements per pass over a flat buffer (AdamW, the norm): 256 KiB of float32, inside L2
+
 
 @dataclass
 class Bucket:

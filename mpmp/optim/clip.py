@@ -9,18 +9,18 @@ groups that partition the model (tp x pp, plus dp under ZeRO) gives the squared 
 import math
 
 from mpmp.backend import array_module
+from mpmp.optim.buffer import CHUNK
 
 
 def local_sq_norm(grad, runs, scratch=None) -> float:
     """Sum of squares of grad over the [lo, hi) runs that count, in float64: each cache-sized chunk
     is squared into a float64 scratch buffer and summed there (no model-sized temporaries)."""
     xp = array_module(grad)
-    chunk = 1 << 16
-    scratch = xp.empty(chunk, dtype=xp.float64) if scratch is None else scratch
+    scratch = xp.empty(CHUNK, dtype=xp.float64) if scratch is None else scratch
     total = 0.0  # stays on the device until the end (one synchronisation on GPUs)
     for lo, hi in runs:
-        for a in range(lo, hi, chunk):
-            b = min(a + chunk, hi)
+        for a in range(lo, hi, CHUNK):
+            b = min(a + CHUNK, hi)
             t = scratch[: b - a]
             xp.multiply(grad[a:b], grad[a:b], out=t, dtype=xp.float64)
             total = total + t.sum()

@@ -17,8 +17,10 @@ from collections import Counter
 
 
 class GradReducer:
-    def __init__(self, flat, dp_group, tp_group, embed_group, zero=False, tied=None, sp_params=(), modules=()):
-        """modules: every module on this rank (a parameter is final once all modules using it are done)."""
+    def __init__(self, flat, *, dp_group, tp_group, embed_group, zero=False, tied=None, sp_params=(), modules=()):
+        """tied: this rank's copy of the tied embedding when pp > 1. sp_params: the sequence-parallel
+        partial sums. modules: every module on this rank (a parameter is final once all modules using
+        it are done)."""
         self.flat, self.dp, self.tp, self.embed = flat, dp_group, tp_group, embed_group
         self.zero = zero and dp_group.size > 1
         self.tied = tied if embed_group.size > 1 else None

@@ -2,7 +2,8 @@
 
 A schedule first fixes each rank's order of computations, F (forward), B (backward; input gradient
 only when split), W (weight gradient), on (micro-batch, chunk) pairs; `with_communication` then
-inserts the transfers that order implies and ends every list with ReduceGrads and OptimizerStep.
+inserts the transfers that order implies. The gradient reduction and the optimizer step that follow
+a rank's list are the trainer's (mpmp/runtime.py), not the pipeline's.
 
 Chunks: with v virtual stages, rank (stage) s holds model chunks s, s + pp, ..., s + (v-1)·pp
 (Megatron's interleaving, arXiv 2104.04473 §2.2); `chunk` in an instruction is the local index 0..v-1
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from mpmp.errors import ConfigError
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+MAX_TAGS = 32768  # the tag range every MPI library offers (MPI_TAG_UB >= 32767)
 
 
 @dataclass(frozen=True)
@@ -61,12 +63,6 @@ class BackwardWeight(Instr):
 class SendBackward(Instr): ...
 
 
-class ReduceGrads(Instr): ...
-
-
-class OptimizerStep(Instr): ...
-
-
 # ---------------------------------------------------------------------------------------------
 # Computation orders
 # ---------------------------------------------------------------------------------------------
@@ -86,6 +82,16 @@ def validate(schedule: str, pp: int, m: int, v: int = 1):
             raise ConfigError(f"--schedule interleaved needs micro-batches ({m}) >= pp ({pp})")
     elif v != 1:
         raise ConfigError(f"--virtual-stages {v} needs --schedule interleaved (got {schedule})")
+
+
+def check_tag_range(pp: int, m: int, v: int = 1):
+    """Every pipeline message of a step gets its own MPI tag (see PipelineEngine.tag): (m·pp·v) x 2
+    directions must fit MAX_TAGS."""
+    if m * pp * v * 2 > MAX_TAGS:
+        raise ConfigError(
+            f"micro-batches * pp * virtual-stages ({m}*{pp}*{v}) exceeds {MAX_TAGS // 2}: "
+            "pipeline messages would run out of MPI tags"
+        )
 
 
 def compute_order(schedule: str, pp: int, m: int, stage: int, v: int = 1) -> list[Instr]:
@@ -179,7 +185,7 @@ def _zb_h1(pp, m, s):
 
 
 def with_communication(order: list[Instr], pp: int, stage: int, v: int = 1) -> list[Instr]:
-    """Insert receives before and sends after each computation, then ReduceGrads, OptimizerStep."""
+    """Insert receives before and sends after each computation."""
     last_vs = pp * v - 1
     out = []
     for ins in order:
@@ -198,7 +204,7 @@ def with_communication(order: list[Instr], pp: int, stage: int, v: int = 1) -> l
                 out.append(SendBackward(ins.mb, ins.chunk))
         else:
             out.append(ins)
-    return out + [ReduceGrads(), OptimizerStep()]
+    return out
 
 
 def build(schedule: str, pp: int, m: int, stage: int, v: int = 1) -> list[Instr]:
@@ -220,19 +226,15 @@ class ScheduleError(ConfigError):
     pass
 
 
-def _peer(ins, pp, stage, v):
-    """(peer stage, peer chunk, message key) of a transfer instruction."""
+def message_key(ins, pp: int, stage: int) -> tuple:
+    """(direction, micro-batch, sending virtual stage, receiving virtual stage) of a transfer: the
+    same key for a send and the receive that matches it."""
     vs = ins.chunk * pp + stage
-    if isinstance(ins, (SendForward, RecvBackward)):
-        other = vs + 1
-    else:
-        other = vs - 1
+    other = vs + 1 if isinstance(ins, (SendForward, RecvBackward)) else vs - 1
     direction = "fwd" if isinstance(ins, (SendForward, RecvForward)) else "bwd"
     if isinstance(ins, (SendForward, SendBackward)):
-        key = (direction, ins.mb, vs, other)
-    else:
-        key = (direction, ins.mb, other, vs)
-    return other % pp, other // pp, key
+        return (direction, ins.mb, vs, other)
+    return (direction, ins.mb, other, vs)
 
 
 def simulate(programs, pp: int, m: int, v: int = 1, t_f=1.0, t_b=1.0, t_w=1.0, t_comm=0.0):
@@ -271,7 +273,7 @@ def simulate(programs, pp: int, m: int, v: int = 1, t_f=1.0, t_b=1.0, t_w=1.0, t
                 if ins.mb >= 0 and not (0 <= ins.mb < m and 0 <= ins.chunk < v):
                     fail(s, f"micro-batch or chunk out of range (m = {m}, v = {v})")
                 if isinstance(ins, (RecvForward, RecvBackward)):
-                    _, _, key = _peer(ins, pp, s, v)
+                    key = message_key(ins, pp, s)
                     if key not in sent:
                         break  # blocked: try other ranks
                     if key in received:
@@ -280,7 +282,7 @@ def simulate(programs, pp: int, m: int, v: int = 1, t_f=1.0, t_b=1.0, t_w=1.0, t
                     clock[s] = max(clock[s], sent[key])
                     (have_input if isinstance(ins, RecvForward) else have_grad)[s].add(unit)
                 elif isinstance(ins, (SendForward, SendBackward)):
-                    _, _, key = _peer(ins, pp, s, v)
+                    key = message_key(ins, pp, s)
                     if key in sent:
                         fail(s, "message sent twice")
                     need = "F" if isinstance(ins, SendForward) else "B"

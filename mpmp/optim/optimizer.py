@@ -5,19 +5,22 @@ mixed precision, the fp32 master weights) only for its slice of each bucket (Fla
 to multiples of dp). Gradients arrive reduce-scattered (optim/grads.py); after the update each bucket
 is all-gathered so every replica holds the new weights. Reduce-scatter plus all-gather move the same
 bytes as data parallelism's all-reduce (2Ψ(dp-1)/dp per rank) while optimizer memory falls by dp.
+Without ZeRO (or with dp = 1) the one range is the whole buffer.
 """
 
 import numpy
 
-from mpmp.backend import array_module, round_to
+from mpmp.backend import array_module, round_to, to_numpy, xp
+from mpmp.config import AdamWConfig
 from mpmp.optim import clip
 from mpmp.optim.adamw import AdamW, runs
+from mpmp.optim.buffer import CHUNK
+
+STATE_KINDS = ("m", "v", "master")
 
 
 class Optimizer:
-    def __init__(
-        self, flat, dp_group, norm_groups, zero=False, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, precision=None
-    ):
+    def __init__(self, flat, hp: AdamWConfig, *, dp_group, norm_groups, zero=False, precision=None):
         """norm_groups: the groups that partition the model (mp = tp x pp); dp is added under ZeRO.
         precision: None (fp32), or "bf16"/"fp16": the model's parameters are kept rounded to that
         format, and fp32 master weights (of this rank's slices) receive the updates."""
@@ -36,11 +39,9 @@ class Optimizer:
         self.masters = [
             flat.data[lo:hi].astype(numpy.float32) if self.mixed else flat.data[lo:hi] for lo, hi in self.ranges
         ]
-        self.adams = [
-            AdamW(m, flat.decay_mask[lo:hi], betas, eps, weight_decay) for m, (lo, hi) in zip(self.masters, self.ranges)
-        ]
+        self.adams = [AdamW(m, flat.decay_mask[lo:hi], hp) for m, (lo, hi) in zip(self.masters, self.ranges)]
         # the runs of parameters this rank counts in the global norm, clipped to its ranges
-        self._norm_scratch = array_module(flat.grad).empty(1 << 16, dtype="float64")
+        self._norm_scratch = array_module(flat.grad).empty(CHUNK, dtype="float64")
         counted = runs(flat.norm_mask)
         self.norm_runs = [(max(a, lo), min(b, hi)) for lo, hi in self.ranges for a, b in counted if a < hi and b > lo]
 
@@ -62,7 +63,31 @@ class Optimizer:
                 # straight into the flat buffer (MPI needs the send slice apart from the output)
                 self.dp.all_gather(self.flat.data[lo:hi].copy(), out=self.flat.data[b.lo : b.hi])
 
+    @property
+    def steps_taken(self) -> int:
+        return self.adams[0].step_count
+
     def state_bytes(self) -> int:
         """AdamW state, plus master weights where they are copies, held by this rank."""
         extra = sum(m.nbytes for m in self.masters) if self.mixed else 0
         return sum(a.state_bytes() for a in self.adams) + extra
+
+    def export_state(self) -> dict:
+        """This rank's state as host arrays: {"step": n, "ranges": [(lo, hi)] of the flat buffer, and
+        per kind ("m", "v", and "master" in mixed precision) one array per range}."""
+        state = {"step": self.steps_taken, "ranges": list(self.ranges)}
+        state["m"] = [to_numpy(a.m) for a in self.adams]
+        state["v"] = [to_numpy(a.v) for a in self.adams]
+        if self.mixed:
+            state["master"] = [to_numpy(m) for m in self.masters]
+        return state
+
+    def import_state(self, vectors: dict, step: int):
+        """Load state given as whole-buffer vectors in this rank's flat layout ({"m", "v"[, "master"]}:
+        arrays of len(flat)); each range takes its slice. A "master" vector is ignored in fp32."""
+        for i, (lo, hi) in enumerate(self.ranges):
+            self.adams[i].m[...] = xp().asarray(vectors["m"][lo:hi])
+            self.adams[i].v[...] = xp().asarray(vectors["v"][lo:hi])
+            self.adams[i].step_count = step
+            if self.mixed and "master" in vectors:
+                self.masters[i][...] = xp().asarray(vectors["master"][lo:hi])

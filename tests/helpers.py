@@ -1,5 +1,6 @@
-"""Helpers for the parallel-equals-one-process tests: tiny configurations, random interchange weights,
-single-process references, and gathering any layout's shards back into full tensors."""
+"""Shared test helpers: float64 finite differences for the backward tests; for the parallel-equals-
+one-process tests, random interchange weights, single-process references, and gathering any
+layout's shards back into full tensors."""
 
 import numpy
 
@@ -7,6 +8,31 @@ from mpmp.config import ModelConfig, ParallelConfig, TrainConfig
 from mpmp.data import TokenData
 from mpmp.model.gpt import param_infos
 from mpmp.nn.parallel import unshard
+
+FD_STEP = 1e-6  # central-difference step: truncation ~h^2, rounding ~eps/h, both far below 1e-6
+
+
+def numerical_grad(loss, x, h=FD_STEP):
+    """dloss/dx by central differences; x is perturbed in place and restored."""
+    flat = x.reshape(-1)
+    assert numpy.shares_memory(flat, x)
+    grad = numpy.zeros(x.size, dtype=numpy.float64)
+    for i in range(x.size):
+        old = flat[i]
+        flat[i] = old + h
+        plus = loss()
+        flat[i] = old - h
+        minus = loss()
+        flat[i] = old
+        grad[i] = (plus - minus) / (2 * h)
+    return grad.reshape(x.shape)
+
+
+def rel_error(analytic, numeric):
+    """max|a - n| / max(max|a|, max|n|): scale-free, and 0 when both are 0."""
+    analytic, numeric = numpy.asarray(analytic), numpy.asarray(numeric)
+    scale = max(numpy.abs(analytic).max(), numpy.abs(numeric).max(), 1e-300)
+    return numpy.abs(analytic - numeric).max() / scale
 
 
 def random_weights(cfg: ModelConfig, seed=0) -> dict:
