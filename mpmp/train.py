@@ -348,6 +348,8 @@ def finish(trainer, run: Run, history, stopped: bool, wall: float) -> int:
 
 def _trace_about(trainer, run: Run) -> dict:
     """The run, for the trace's otherData (mpmp.report reads it)."""
+    from mpmp.comm.grid import layout_ranks
+
     par = trainer.cfg.parallel
     first, last = parse_trace_steps(run.args.trace_steps, trainer.cfg.steps)
     return {
@@ -357,6 +359,7 @@ def _trace_about(trainer, run: Run) -> dict:
         "micro_batches": par.micro_batches,
         "virtual_stages": par.virtual_stages,
         "world": trainer.grid.world_size,
+        "coords": [{"rank": r, "tp": c.tp, "pp": c.pp, "dp": c.dp, "cp": 0} for r, c in layout_ranks(par.tp, par.pp, par.dp)],
         "steps": [first, last],
         "memory": trainer.memory(),  # gathered from every rank by console.write_trace
     }
