@@ -180,13 +180,18 @@ def make_cupy():
     cp.empty = lambda shape, dtype=numpy.float64: numpy.empty(shape, dtype).view(DeviceArray)
     cp.zeros = lambda shape, dtype=numpy.float64: numpy.zeros(shape, dtype).view(DeviceArray)
     cp.empty_like = lambda a, dtype=None: numpy.empty_like(numpy.asarray(a), dtype=dtype).view(DeviceArray)
-    cp.asarray = lambda a, dtype=None: dev(numpy.asarray(a, dtype=dtype))
+    cp.asarray = lambda a, dtype=None: dev(numpy.array(a, dtype=dtype))  # a copy, as to a device
     cp.ascontiguousarray = lambda a, dtype=None: dev(numpy.ascontiguousarray(a, dtype=dtype))
     cp.arange = lambda *a, **k: dev(numpy.arange(*a, **k))
     cp.log = lambda a: numpy.log(a)
+    cp.ones = lambda shape, dtype=numpy.float64: numpy.ones(shape, dtype).view(DeviceArray)
+    cp.asnumpy = lambda a: numpy.array(a)
+    cp.nan = numpy.nan
+    cp.__version__ = "fake"
     cp.RawModule = FakeRawModule
     cuda = types.ModuleType("cupy.cuda")
     cuda.device = types.SimpleNamespace(get_cublas_handle=lambda: 1)
+    cuda.runtime = types.SimpleNamespace(getDeviceProperties=lambda i: {"name": b"fake CPU device"})
     cp.cuda = cuda
     cublas = types.ModuleType("cupy_backends.cuda.libs.cublas")
     cublas.gemmEx, cublas.gemmStridedBatchedEx = gemm_ex, gemm_strided_batched_ex

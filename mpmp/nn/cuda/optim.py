@@ -13,6 +13,7 @@ import math
 
 import numpy
 
+from mpmp.backend import is_device_array
 from mpmp.nn.cuda import _loader as L
 
 _runs_on_device = {}  # tuple of runs -> device int64 [lo0, hi0, lo1, hi1, ...], copied once
@@ -32,7 +33,7 @@ def _device_runs(runs):
 
 def _scalar_args(value):
     """(host float, device pointer or NULL) for a scale given as a Python number or a device array."""
-    if hasattr(value, "data") and hasattr(value, "dtype") and not isinstance(value, numpy.generic):
+    if is_device_array(value):
         if value.dtype != numpy.float32 or value.size != 1:
             raise TypeError(f"a device scale must be a one-element float32 array, not {value.dtype} of {value.size}")
         return L.f32(1.0), value
