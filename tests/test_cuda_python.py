@@ -13,9 +13,12 @@ import numpy
 import pytest
 
 from mpmp.backend import to_wire
+from mpmp.config import AdamWConfig
 from mpmp.nn import functional as F
 from mpmp.optim import adamw as np_adamw
 from mpmp.optim import clip as np_clip
+
+HP = AdamWConfig(0.9, 0.95, 1e-8, 0.1)
 
 FORMATS = {"fp32": ("float", 1e-5), "fp16": ("__half", 2e-2), "bf16": ("__nv_bfloat16", 6e-2)}
 
@@ -240,8 +243,8 @@ def test_vocab_parallel_cross_entropy_matches_numpy(cuda, rng, fmt):
         start = r * v_local
         logits = fake.dev(padded[:, start : start + v_local])
         loss, cache = CF.cross_entropy_forward(
-            logits, fake.dev(targets), 0.5, start, max(0, min(v_local, vocab - start)),
-            pair.all_reduce(r, numpy.maximum), pair.all_reduce(r, numpy.add),
+            logits, fake.dev(targets), 0.5, vocab_start=start, vocab_valid=max(0, min(v_local, vocab - start)),
+            all_reduce_max=pair.all_reduce(r, numpy.maximum), all_reduce_sum=pair.all_reduce(r, numpy.add),
         )  # fmt: skip
         results[r] = (float(loss), values(CF.cross_entropy_backward(cache), fmt))
 
@@ -297,14 +300,16 @@ def test_adamw_matches_numpy(cuda, rng, device_scale):
     p0, g, m0, v0 = (rng.standard_normal(n).astype(numpy.float32) for _ in range(4))
     v0 = numpy.abs(v0)
     ref = [a.copy() for a in (p0, m0, v0)]
-    np_adamw.adamw_update(ref[0], g, ref[1], ref[2], 3, 1e-2, 0.9, 0.95, 1e-8, 0.1, runs, grad_scale=0.25)
+    np_adamw.adamw_update(ref[0], g, ref[1], ref[2], step=3, lr=1e-2, hp=HP, decay_runs=runs, grad_scale=0.25)
     p, m, v = (fake.dev(a.copy()) for a in (p0, m0, v0))
     scale = fake.dev(numpy.float32([0.25])) if device_scale else 0.25
-    optim.adamw_update(p, fake.dev(g), m, v, 3, 1e-2, 0.9, 0.95, 1e-8, 0.1, runs, grad_scale=scale)
+    optim.adamw_update(p, fake.dev(g), m, v, step=3, lr=1e-2, hp=HP, decay_runs=runs, grad_scale=scale)
     for got, want in zip((p, m, v), ref):
         numpy.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     before = numpy.array(p)
-    optim.adamw_update(p, fake.dev(g), m, v, 4, 1e-2, 0.9, 0.95, 1e-8, 0.1, runs, skip=fake.dev(numpy.int32([1])))
+    optim.adamw_update(
+        p, fake.dev(g), m, v, step=4, lr=1e-2, hp=HP, decay_runs=runs, skip=fake.dev(numpy.int32([1]))
+    )
     numpy.testing.assert_array_equal(p, before)
 
 

@@ -11,8 +11,8 @@ matplotlib.use("Agg")  # files only, never a window
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from mpmp.report.files import ReportError  # noqa: E402
 from mpmp.pipeline.timeline import COLORS as SCHEDULE_COLORS  # noqa: E402
+from mpmp.report.files import ReportError  # noqa: E402
 
 DPI = 100
 WIDTH = 1600

@@ -17,6 +17,7 @@ import cupy
 import numpy
 
 from mpmp.backend import from_wire, to_wire
+from mpmp.config import AdamWConfig
 from mpmp.nn import functional as F
 from mpmp.nn.cuda import elementwise as EW
 from mpmp.nn.cuda import functional as CF
@@ -24,6 +25,8 @@ from mpmp.nn.cuda import gemm
 from mpmp.nn.cuda import optim as CO
 from mpmp.optim import adamw as np_adamw
 from mpmp.optim import clip as np_clip
+
+HP = AdamWConfig(0.9, 0.95, 1e-8, 0.1)
 
 TOL = {"fp32": 2e-5, "fp16": 1.5e-2, "bf16": 4e-2}
 RESULTS = []
@@ -174,8 +177,8 @@ def cross_entropy(fmt):
         start = r * v_local
         logits = cupy.ascontiguousarray(padded[:, start : start + v_local])
         loss, cache = CF.cross_entropy_forward(
-            logits, cupy.asarray(targets), 1.0 / n, start, max(0, min(v_local, vocab - start)),
-            pair.all_reduce(r, numpy.maximum), pair.all_reduce(r, numpy.add),
+            logits, cupy.asarray(targets), 1.0 / n, vocab_start=start, vocab_valid=max(0, min(v_local, vocab - start)),
+            all_reduce_max=pair.all_reduce(r, numpy.maximum), all_reduce_sum=pair.all_reduce(r, numpy.add),
         )  # fmt: skip
         results[r] = (float(loss), get(CF.cross_entropy_backward(cache), fmt))
 
@@ -239,28 +242,18 @@ def optimizer():
     p, g, m, v = (randn(n).astype(numpy.float32) for _ in range(4))
     v = numpy.abs(v)
     ref = [a.astype(numpy.float64) for a in (p, m, v)]
-    np_adamw.adamw_update(ref[0], g.astype(numpy.float64), ref[1], ref[2], 7, 3e-3, 0.9, 0.95, 1e-8, 0.1, runs,
+    np_adamw.adamw_update(ref[0], g.astype(numpy.float64), ref[1], ref[2], step=7, lr=3e-3, hp=HP, decay_runs=runs,
                           grad_scale=0.5)  # fmt: skip
     dp, dm, dv = (cupy.asarray(a) for a in (p, m, v))
     CO.adamw_update(
-        dp,
-        cupy.asarray(g),
-        dm,
-        dv,
-        7,
-        3e-3,
-        0.9,
-        0.95,
-        1e-8,
-        0.1,
-        runs,
+        dp, cupy.asarray(g), dm, dv, step=7, lr=3e-3, hp=HP, decay_runs=runs,
         grad_scale=cupy.asarray([0.5], dtype=cupy.float32),
-    )
+    )  # fmt: skip
     for name, got, want in zip(("param", "m", "v"), (dp, dm, dv), ref):
         check(f"adamw_update {name}", "fp32", get(got), want, tol=1e-5)
     before = dp.copy()
     CO.adamw_update(
-        dp, cupy.asarray(g), dm, dv, 8, 3e-3, 0.9, 0.95, 1e-8, 0.1, runs, skip=cupy.ones(1, dtype=cupy.int32)
+        dp, cupy.asarray(g), dm, dv, step=8, lr=3e-3, hp=HP, decay_runs=runs, skip=cupy.ones(1, dtype=cupy.int32)
     )
     check("adamw_update skipped", "fp32", get(dp), get(before), tol=0.0)
     grad = cupy.asarray(g)

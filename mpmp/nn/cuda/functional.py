@@ -90,8 +90,14 @@ def linear_backward_weight(dy, x, dw, db=None):
     _check_grad(dw if dw.flags.c_contiguous else dw.T, "dw")
     matmul(x2, dy2, out=dw, trans_a=True, accumulate=True)
     if db is not None:
-        _check_grad(db, "db")
-        _column_sums(("linear.cu", "bias_grad_partial"), [db], *dy2.shape, dy2, t=L.ctype(dy2))
+        bias_backward(dy, db)
+
+
+def bias_backward(dy, db):
+    """db += dy summed over every position, in fp32 (deterministic two-stage column sums)."""
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    _check_grad(db, "db")
+    _column_sums(("linear.cu", "bias_grad_partial"), [db], *dy2.shape, dy2, t=L.ctype(dy2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,15 +276,8 @@ def _identity(x):
     return x
 
 
-def cross_entropy_forward(
-    logits,
-    targets,
-    scale,
-    vocab_start=0,
-    vocab_valid=None,
-    all_reduce_max=_identity,
-    all_reduce_sum=_identity,
-):
+def cross_entropy_forward(logits, targets, scale, *, vocab_start=0, vocab_valid=None, all_reduce_max=_identity,
+                          all_reduce_sum=_identity):  # fmt: skip
     """scale * sum over rows of -log softmax(logits)[target]; logits [N, V_local] are overwritten
     with exp(logits - max), as on the NumPy side. The two all-reduce callables combine the row max,
     then (target logit, sum of exponentials) stacked as one [2, N] float32 array, over the ranks that

@@ -14,6 +14,7 @@ import math
 import numpy
 
 from mpmp.backend import is_device_array
+from mpmp.config import AdamWConfig
 from mpmp.nn.cuda import _loader as L
 
 _runs_on_device = {}  # tuple of runs -> device int64 [lo0, hi0, lo1, hi1, ...], copied once
@@ -46,9 +47,8 @@ def _check_flat(*arrays):
             raise TypeError(f"AdamW works on contiguous 1-D float32 buffers, not {a.dtype} {a.shape}")
 
 
-def adamw_update(
-    param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, decay_runs, scratch=None, grad_scale=1.0, *, skip=None
-):
+def adamw_update(param, grad, m, v, *, step: int, lr: float, hp: AdamWConfig, decay_runs=(), scratch=None,
+                 grad_scale=1.0, skip=None):  # fmt: skip
     """One AdamW step in place on flat fp32 arrays (step counts from 1), torch's order of operations:
     decay, m <- m + (1-b1)(g - m), v <- b2 v + (1-b2) g^2, p <- p - lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps),
     with g = grad * grad_scale. grad_scale: a number or a one-element float32 device array (e.g. a clip
@@ -56,14 +56,14 @@ def adamw_update(
     and v untouched (an overflowed fp16 step). scratch is not needed here (accepted for the mirror)."""
     _check_flat(param, grad, m, v)
     runs, n_runs = _device_runs(decay_runs)
-    bias1 = 1 - beta1**step
-    bias2_sqrt = math.sqrt(1 - beta2**step)
+    bias1 = 1 - hp.beta1**step
+    bias2_sqrt = math.sqrt(1 - hp.beta2**step)
     host_scale, scale_ptr = _scalar_args(grad_scale)
     n = param.size
     L.kernel("adamw.cu", "adamw_update")(
         (L.blocks_for(n),), (L.THREADS,),
         (param, grad, m, v, L.i64(n), runs, L.i32(n_runs),
-         L.f32(lr), L.f32(beta1), L.f32(beta2), L.f32(eps), L.f32(weight_decay),
+         L.f32(lr), L.f32(hp.beta1), L.f32(hp.beta2), L.f32(hp.eps), L.f32(hp.weight_decay),
          L.f32(lr / bias1), L.f32(bias2_sqrt), host_scale, scale_ptr, L.NULL if skip is None else skip),
     )  # fmt: skip
 
