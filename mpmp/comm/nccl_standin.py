@@ -23,7 +23,7 @@ import zlib
 
 import numpy
 
-from mpmp.backend import local_rank
+from mpmp._setup import local_rank
 from mpmp.comm.group import Group
 from mpmp.comm.mpi import MPI, MPIGroup
 from mpmp.errors import ConfigError
