@@ -85,7 +85,6 @@ def blas_threads() -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-
 def round_to(x, fmt: str):
     """Round a float32 array in place to bf16 (nearest even) or fp16 (overflow gives inf)."""
     if fmt == "bf16":

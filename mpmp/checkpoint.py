@@ -1,4 +1,4 @@
-"""Checkpoints (sharded, any layout) and the interchange format (one .npz, DESIGN.md).
+"""Checkpoints (sharded, any layout: docs/checkpoints.md) and the interchange format (one .npz: docs/interchange.md).
 
 A checkpoint is a directory per step, written by every rank together:
 
@@ -47,6 +47,7 @@ class TrainingState:
     data_order: str
     data_seed: int
     loss_scaler: dict
+
 
 # ---------------------------------------------------------------------------------------------
 # Files: atomic writes and checked reads

@@ -113,7 +113,7 @@ class TrainConfig:
 
     @property
     def precision(self) -> str | None:
-        """"bf16" or "fp16" for mixed precision, None for fp32."""
+        """ "bf16" or "fp16" for mixed precision, None for fp32."""
         return self.dtype if self.dtype in LOW_PRECISION else None
 
     @property

@@ -1,4 +1,4 @@
-"""Token sources and the documented data order (DESIGN.md, Contract: data and the data order).
+"""Token sources and the documented data order (docs/data.md, a contract).
 
 Sources: `.bin` raw little-endian uint16 (nanoGPT), `.npy` a 1-D integer array, any other file its
 bytes (vocabulary 256), and with no path a built-in corpus: the bytes of mpmp's own source code.
@@ -58,7 +58,7 @@ def load_tokens(path: str | None) -> tuple[numpy.ndarray, int]:
 
 
 class TokenData:
-    """A token stream cut into sequences of length S, served in the contract's order."""
+    """A token stream cut into sequences of length S, served in docs/data.md's order."""
 
     def __init__(self, tokens, seq_len: int, vocab: int, order="sequential", seed=0, name="data"):
         if order not in ORDERS:

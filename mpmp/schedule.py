@@ -22,14 +22,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pp", type=int, default=4, metavar="P", help="pipeline stages, one per rank (default 4)")
     p.add_argument("--micro-batches", type=int, default=8, metavar="M", help="micro-batches per step (default 8)")
     p.add_argument("--schedule", default="1f1b", metavar="NAME", help=f"one of {', '.join(S.SCHEDULES)} (default 1f1b)")
-    p.add_argument("--virtual-stages", type=int, metavar="V",
-                   help="model chunks per rank, interleaved only (default 2 for interleaved, else 1)")  # fmt: skip
-    p.add_argument("--costs", default="1,1,1", metavar="F,B,W",
-                   help="times F,B,W of one stage's forward, input-gradient backward and weight-gradient pass "
-                   "(default 1,1,1; a fused backward costs B+W)")  # fmt: skip
-    p.add_argument("--width", type=int, metavar="COLS",
-                   help="wrap the timeline at this many characters (default: the terminal's width when printing "
-                   "to a terminal, else no wrapping; 0: never wrap)")  # fmt: skip
+    p.add_argument(
+        "--virtual-stages",
+        type=int,
+        metavar="V",
+        help="model chunks per rank, interleaved only (default 2 for interleaved, else 1)",
+    )
+    p.add_argument(
+        "--costs",
+        default="1,1,1",
+        metavar="F,B,W",
+        help="times F,B,W of one stage's forward, input-gradient backward and weight-gradient pass "
+        "(default 1,1,1; a fused backward costs B+W)",
+    )
+    p.add_argument(
+        "--width",
+        type=int,
+        metavar="COLS",
+        help="wrap the timeline at this many characters (default: the terminal's width when printing "
+        "to a terminal, else no wrapping; 0: never wrap)",
+    )
     p.add_argument("--png", metavar="FILE", help="also draw the timeline into FILE as a PNG (needs matplotlib)")
     return p
 
@@ -54,17 +66,24 @@ def main(argv=None) -> int:
         print(f"{args.schedule}: pp={pp}, micro-batches={m}" + (f", virtual stages={v}" if v > 1 else ""))
         print("\n".join(render(rows, n_slots, width)))
         split = args.schedule == "zb-h1"
-        print("legend: F3 = forward of micro-batch 3, "
-              + ("B3 = its input-gradient backward, W3 = its deferred weight gradient" if split
-                 else "B3 = its backward, input and weight gradients fused (it lasts B+W)")
-              + "; '--' = the op to its left goes on; '.' = idle")  # fmt: skip
+        print(
+            "legend: F3 = forward of micro-batch 3, "
+            + (
+                "B3 = its input-gradient backward, W3 = its deferred weight gradient"
+                if split
+                else "B3 = its backward, input and weight gradients fused (it lasts B+W)"
+            )
+            + "; '--' = the op to its left goes on; '.' = idle"
+        )
         if v > 1:
             print(f"        F3a, F3b, ... = micro-batch 3 on the rank's chunk 0, 1, ... (virtual stage s, s+{pp}, ...)")
         print(f"        a chunk's F, B, W take {', '.join(str(int(c / quantum)) for c in costs)} slot(s)")
         notes = [n for n, bad in (("assumes F = B = W", len(set(costs)) > 1), ("assumes m >= pp", m < pp)) if bad]
         formula = "(p-1)/(" + {"interleaved": "v*m", "zb-h1": "3m"}.get(args.schedule, "m") + "+p-1)"
-        print(f"bubble: {bubble:.4f} simulated, {theory:.4f} theoretical {formula}"
-              + (f" ({'; '.join(notes)})" if notes and args.schedule == "zb-h1" else ""))  # fmt: skip
+        print(
+            f"bubble: {bubble:.4f} simulated, {theory:.4f} theoretical {formula}"
+            + (f" ({'; '.join(notes)})" if notes and args.schedule == "zb-h1" else "")
+        )
         if plt is not None:
             title = f"{args.schedule} pp={pp} m={m} v={v}: bubble {bubble:.3f} (theory {theory:.3f})"
             save_png(plt, args.png, rows, n_slots, title)

@@ -79,10 +79,11 @@ def build_parser():
     t.add_argument("--clip", type=nf, default=1.0, help="clip the global gradient norm (0 = off)")
     t.add_argument("--seed", type=int, default=1234, help="initialisation and shuffling seed")
     t.add_argument(
-        "--dtype", default="fp32",
+        "--dtype",
+        default="fp32",
         help="fp32, bf16 or fp16: parameters, activations and their traffic in that format, fp32 master "
         "weights and gradients; fp16 adds dynamic loss scaling",
-    )  # fmt: skip
+    )
     d = p.add_argument_group("data and files")
     d.add_argument(
         "--data",
@@ -96,21 +97,26 @@ def build_parser():
     d.add_argument("--resume", default=None, help="resume from a checkpoint directory, or 'auto' (newest in --save)")
     d.add_argument("--metrics", default=None, help="write one JSON line per step (rank 0)")
     d.add_argument("--trace", default=None, help="write a Chrome trace of every operation (open in Perfetto)")
-    d.add_argument("--trace-steps", default=None, metavar="A:B",
-                   help="trace only steps A..B (1-based, inclusive; default: every step)")  # fmt: skip
+    d.add_argument(
+        "--trace-steps",
+        default=None,
+        metavar="A:B",
+        help="trace only steps A..B (1-based, inclusive; default: every step)",
+    )
     d.add_argument("--log-every", type=ni, default=None, help="progress line every K steps (default: steps/15)")
     d.add_argument("--quiet", action="store_true", help="only errors and the summary")
     d.add_argument(
-        "--comm-timeout", type=nf, default=600.0,
+        "--comm-timeout",
+        type=nf,
+        default=600.0,
         help="seconds an operation may wait before every rank reports and the job aborts (0 = off)",
-    )  # fmt: skip
+    )
     d.add_argument(
-        "--preempt-signal", default="USR1",
+        "--preempt-signal",
+        default="USR1",
         help="signal that asks for a checkpoint and exit code 75 (SLURM: #SBATCH --signal=USR1@120)",
-    )  # fmt: skip
+    )
     return p
-
-
 
 
 def default_layout(world: int, tp, pp):
@@ -173,8 +179,21 @@ def make_config(run: Run, data_vocab: int, init_cfg: ModelConfig | None) -> Trai
     return TrainConfig(model=_model_config(run, data_vocab, init_cfg), parallel=par, **training)
 
 
-_TRAINING_FLAGS = ("global_batch", "seq_len", "steps", "lr", "min_lr", "lr_schedule", "warmup_steps", "weight_decay",
-                   "beta1", "beta2", "clip", "seed", "dtype")  # fmt: skip
+_TRAINING_FLAGS = (
+    "global_batch",
+    "seq_len",
+    "steps",
+    "lr",
+    "min_lr",
+    "lr_schedule",
+    "warmup_steps",
+    "weight_decay",
+    "beta1",
+    "beta2",
+    "clip",
+    "seed",
+    "dtype",
+)
 
 
 def _model_config(run: Run, data_vocab: int, init_cfg: ModelConfig | None) -> ModelConfig:
@@ -317,8 +336,10 @@ def train_loop(trainer, run: Run, append: bool) -> tuple[list, bool]:
         if m["step"] % log_every == 0 or m["step"] in (1, cfg.steps):
             run.say(console.progress(m, cfg.steps))
         if m["skipped"]:
-            run.say(f"step {m['step']}: gradients overflowed in fp16: update skipped, loss scale "
-                    f"{m['loss_scale']:g} -> {trainer.scaler.scale:g}")  # fmt: skip
+            run.say(
+                f"step {m['step']}: gradients overflowed in fp16: update skipped, loss scale "
+                f"{m['loss_scale']:g} -> {trainer.scaler.scale:g}"
+            )
         stopped = m["stop"]
         if args.save and args.save_every and trainer.step % args.save_every == 0 and not stopped:
             checkpoint.save(args.save, trainer.state(), keep_last=args.keep_last)
@@ -359,7 +380,9 @@ def _trace_about(trainer, run: Run) -> dict:
         "micro_batches": par.micro_batches,
         "virtual_stages": par.virtual_stages,
         "world": trainer.grid.world_size,
-        "coords": [{"rank": r, "tp": c.tp, "pp": c.pp, "dp": c.dp, "cp": 0} for r, c in layout_ranks(par.tp, par.pp, par.dp)],
+        "coords": [
+            {"rank": r, "tp": c.tp, "pp": c.pp, "dp": c.dp, "cp": 0} for r, c in layout_ranks(par.tp, par.pp, par.dp)
+        ],
         "steps": [first, last],
         "memory": trainer.memory(),  # gathered from every rank by console.write_trace
     }

@@ -36,8 +36,15 @@ def dev(a):
     return numpy.ascontiguousarray(a).view(DeviceArray)
 
 
-STORAGE_DTYPE = {"float": "float32", "__half": "float16", "__nv_bfloat16": "uint16", "double": "float64",
-                 "int": "int32", "long long": "int64", "bool": "bool"}  # fmt: skip
+STORAGE_DTYPE = {
+    "float": "float32",
+    "__half": "float16",
+    "__nv_bfloat16": "uint16",
+    "double": "float64",
+    "int": "int32",
+    "long long": "int64",
+    "bool": "bool",
+}
 SCALAR_TYPE = {"int": numpy.int32, "long long": numpy.int64, "float": numpy.float32}
 
 
@@ -150,8 +157,31 @@ def _host_float(ptr):
     return ctypes.c_float.from_address(ptr).value
 
 
-def gemm_strided_batched_ex(handle, transa, transb, m, n, k, alpha, A, atype, lda, stride_a, B, btype, ldb,
-                            stride_b, beta, C, ctype_code, ldc, stride_c, batch, compute, algo):  # fmt: skip
+def gemm_strided_batched_ex(
+    handle,
+    transa,
+    transb,
+    m,
+    n,
+    k,
+    alpha,
+    A,
+    atype,
+    lda,
+    stride_a,
+    B,
+    btype,
+    ldb,
+    stride_b,
+    beta,
+    C,
+    ctype_code,
+    ldc,
+    stride_c,
+    batch,
+    compute,
+    algo,
+):
     assert compute == 68 and atype == btype and ctype_code in (atype, 0)
     for i in range(batch):
         a, _, _ = _colmajor(A, atype, *((m, k) if transa == 0 else (k, m)), lda, i * stride_a)
@@ -163,10 +193,34 @@ def gemm_strided_batched_ex(handle, transa, transb, m, n, k, alpha, A, atype, ld
         store(raw_c, result, cty)
 
 
-def gemm_ex(handle, transa, transb, m, n, k, alpha, A, atype, lda, B, btype, ldb, beta, C, ctype_code, ldc,
-            compute, algo):  # fmt: skip
-    gemm_strided_batched_ex(handle, transa, transb, m, n, k, alpha, A, atype, lda, 0, B, btype, ldb, 0, beta, C,
-                            ctype_code, ldc, 0, 1, compute, algo)  # fmt: skip
+def gemm_ex(
+    handle, transa, transb, m, n, k, alpha, A, atype, lda, B, btype, ldb, beta, C, ctype_code, ldc, compute, algo
+):
+    gemm_strided_batched_ex(
+        handle,
+        transa,
+        transb,
+        m,
+        n,
+        k,
+        alpha,
+        A,
+        atype,
+        lda,
+        0,
+        B,
+        btype,
+        ldb,
+        0,
+        beta,
+        C,
+        ctype_code,
+        ldc,
+        0,
+        1,
+        compute,
+        algo,
+    )
 
 
 # ---- the module ----------------------------------------------------------------------------------------
@@ -205,9 +259,14 @@ def install(monkeypatch):
     cp, cublas = make_cupy()
     libs = types.ModuleType("cupy_backends.cuda.libs")
     libs.cublas = cublas
-    for name, mod in (("cupy", cp), ("cupy.cuda", cp.cuda), ("cupy_backends", types.ModuleType("cupy_backends")),
-                      ("cupy_backends.cuda", types.ModuleType("cupy_backends.cuda")),
-                      ("cupy_backends.cuda.libs", libs), ("cupy_backends.cuda.libs.cublas", cublas)):  # fmt: skip
+    for name, mod in (
+        ("cupy", cp),
+        ("cupy.cuda", cp.cuda),
+        ("cupy_backends", types.ModuleType("cupy_backends")),
+        ("cupy_backends.cuda", types.ModuleType("cupy_backends.cuda")),
+        ("cupy_backends.cuda.libs", libs),
+        ("cupy_backends.cuda.libs.cublas", cublas),
+    ):
         monkeypatch.setitem(sys.modules, name, mod)
     _loader.module.cache_clear()
     _loader.kernel.cache_clear()
@@ -373,8 +432,26 @@ def scale(k, out, x, alpha, n):
     store(out[:n], alpha * _f(k, x, n), _t(k))
 
 
-def adamw_update(k, param, grad, m, v, n, decay_runs, n_runs, lr, beta1, beta2, eps, weight_decay, step_size,
-                 bias2_sqrt, grad_scale, scale_ptr, skip):  # fmt: skip
+def adamw_update(
+    k,
+    param,
+    grad,
+    m,
+    v,
+    n,
+    decay_runs,
+    n_runs,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    step_size,
+    bias2_sqrt,
+    grad_scale,
+    scale_ptr,
+    skip,
+):
     if skip is not None and skip[0]:
         return
     g = grad[:n].astype(numpy.float64) * grad_scale * (1 if scale_ptr is None else scale_ptr[0])

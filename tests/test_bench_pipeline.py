@@ -45,7 +45,13 @@ def test_sleep_model_runs_every_schedule_on_one_process_with_the_expected_loss()
         model = bench.SleepModel(pp=1, stage=0, v=1, unit_s=unit)
         assert [(c.is_first, c.is_last) for c in model.chunks] == [(True, True)]
         engine = PipelineEngine(
-            model, SelfGroup("pp"), pp=1, stage=0, neighbours=(0, 0), act_shape=bench.ACT_SHAPE, act_dtype=bench.ACT_DTYPE
+            model,
+            SelfGroup("pp"),
+            pp=1,
+            stage=0,
+            neighbours=(0, 0),
+            act_shape=bench.ACT_SHAPE,
+            act_dtype=bench.ACT_DTYPE,
         )
         t = time.perf_counter()
         loss = engine.run(S.build(schedule, 1, m, 0), list(range(m)))

@@ -1,4 +1,4 @@
-"""Checkpoints and the interchange format (DESIGN.md, Contract: the interchange format).
+"""Checkpoints and the interchange format (docs/interchange.md, a contract).
 
 One process, no MPI: a Trainer on a LocalGrid, saved with checkpoint.save, exported with
 `python -m mpmp.checkpoint export` and read back with load_interchange.
@@ -32,23 +32,25 @@ def make_trainer(source=None, seed=0):
 
 
 def expected_shapes(v, s, d, layers):
-    """DESIGN.md's table, written out."""
+    """docs/interchange.md's table, written out."""
     shapes = {"wte.weight": (v, d), "wpe.weight": (s, d), "ln_f.weight": (d,), "ln_f.bias": (d,)}
     for i in range(layers):
-        shapes.update({
-            f"h.{i}.ln_1.weight": (d,),
-            f"h.{i}.ln_1.bias": (d,),
-            f"h.{i}.attn.c_attn.weight": (d, 3 * d),
-            f"h.{i}.attn.c_attn.bias": (3 * d,),
-            f"h.{i}.attn.c_proj.weight": (d, d),
-            f"h.{i}.attn.c_proj.bias": (d,),
-            f"h.{i}.ln_2.weight": (d,),
-            f"h.{i}.ln_2.bias": (d,),
-            f"h.{i}.mlp.c_fc.weight": (d, 4 * d),
-            f"h.{i}.mlp.c_fc.bias": (4 * d,),
-            f"h.{i}.mlp.c_proj.weight": (4 * d, d),
-            f"h.{i}.mlp.c_proj.bias": (d,),
-        })  # fmt: skip
+        shapes.update(
+            {
+                f"h.{i}.ln_1.weight": (d,),
+                f"h.{i}.ln_1.bias": (d,),
+                f"h.{i}.attn.c_attn.weight": (d, 3 * d),
+                f"h.{i}.attn.c_attn.bias": (3 * d,),
+                f"h.{i}.attn.c_proj.weight": (d, d),
+                f"h.{i}.attn.c_proj.bias": (d,),
+                f"h.{i}.ln_2.weight": (d,),
+                f"h.{i}.ln_2.bias": (d,),
+                f"h.{i}.mlp.c_fc.weight": (d, 4 * d),
+                f"h.{i}.mlp.c_fc.bias": (4 * d,),
+                f"h.{i}.mlp.c_proj.weight": (4 * d, d),
+                f"h.{i}.mlp.c_proj.bias": (d,),
+            }
+        )
     return shapes
 
 
@@ -323,7 +325,7 @@ def test_export_into_a_missing_folder_exits_2_with_one_line(trained, tmp_path):
 
 
 def gpt2_reference_loss(w: dict, inputs, targets, heads: int) -> float:
-    """GPT-2 as DESIGN.md defines it, in float64 NumPy, from interchange tensors ([in, out] weights)."""
+    """GPT-2 as docs/interchange.md defines it, in float64 NumPy, from interchange tensors ([in, out] weights)."""
     w = {k: v.astype(numpy.float64) for k, v in w.items()}
     b, s = inputs.shape
     d = w["wte.weight"].shape[1]

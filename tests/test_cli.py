@@ -1,4 +1,4 @@
-"""`python -m mpmp.train` as a user runs it (DESIGN.md, Contract: the command line).
+"""`python -m mpmp.train` as a user runs it (docs/command-line.md, a contract).
 
 Single-process subprocess runs of a tiny model, each with a timeout. A bad input ends the run with
 exit code 2 and one clear error line on stderr, never a traceback.
@@ -163,10 +163,30 @@ def test_help_exits_zero_and_lists_the_contract_flags():
     proc = train("--help", timeout=30)
     assert proc.returncode == 0, proc.stderr
     for flag in (
-        "--tp", "--pp", "--schedule", "--virtual-stages", "--micro-batches", "--global-batch", "--seq-len",
-        "--vocab", "--d-model", "--layers", "--heads", "--steps", "--lr", "--weight-decay", "--clip", "--seed",
-        "--data", "--init-from", "--save", "--save-every", "--resume", "--metrics", "--trace",
-    ):  # fmt: skip
+        "--tp",
+        "--pp",
+        "--schedule",
+        "--virtual-stages",
+        "--micro-batches",
+        "--global-batch",
+        "--seq-len",
+        "--vocab",
+        "--d-model",
+        "--layers",
+        "--heads",
+        "--steps",
+        "--lr",
+        "--weight-decay",
+        "--clip",
+        "--seed",
+        "--data",
+        "--init-from",
+        "--save",
+        "--save-every",
+        "--resume",
+        "--metrics",
+        "--trace",
+    ):
         assert flag in proc.stdout, flag
 
 

@@ -243,9 +243,14 @@ def test_vocab_parallel_cross_entropy_matches_numpy(cuda, rng, fmt):
         start = r * v_local
         logits = fake.dev(padded[:, start : start + v_local])
         loss, cache = CF.cross_entropy_forward(
-            logits, fake.dev(targets), 0.5, vocab_start=start, vocab_valid=max(0, min(v_local, vocab - start)),
-            all_reduce_max=pair.all_reduce(r, numpy.maximum), all_reduce_sum=pair.all_reduce(r, numpy.add),
-        )  # fmt: skip
+            logits,
+            fake.dev(targets),
+            0.5,
+            vocab_start=start,
+            vocab_valid=max(0, min(v_local, vocab - start)),
+            all_reduce_max=pair.all_reduce(r, numpy.maximum),
+            all_reduce_sum=pair.all_reduce(r, numpy.add),
+        )
         results[r] = (float(loss), values(CF.cross_entropy_backward(cache), fmt))
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
@@ -307,9 +312,7 @@ def test_adamw_matches_numpy(cuda, rng, device_scale):
     for got, want in zip((p, m, v), ref):
         numpy.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     before = numpy.array(p)
-    optim.adamw_update(
-        p, fake.dev(g), m, v, step=4, lr=1e-2, hp=HP, decay_runs=runs, skip=fake.dev(numpy.int32([1]))
-    )
+    optim.adamw_update(p, fake.dev(g), m, v, step=4, lr=1e-2, hp=HP, decay_runs=runs, skip=fake.dev(numpy.int32([1])))
     numpy.testing.assert_array_equal(p, before)
 
 

@@ -1,4 +1,4 @@
-"""The data order and the token files of DESIGN.md's contract "data and the data order".
+"""The data order and the token files of docs/data.md (a contract).
 
 Expected values are written out by hand from the contract: with global batch B, sequence length S and
 N = (len(t) - 1) // S sequences, step k uses n = (k*B + j) mod N for j = 0..B-1, input t[n*S : n*S+S],

@@ -36,10 +36,21 @@ def cases():
 
 def config(dp, pp, tp, schedule="1f1b", zero=0, recompute="none", **kw):
     return train_config(
-        CFG, tp=tp, pp=pp, dp=dp, schedule=schedule, virtual_stages=2 if schedule == "interleaved" else 1,
-        micro_batches=max(2, pp), global_batch=16, zero=zero, recompute=recompute, bucket_mb=0.004,
-        clip=0.5, weight_decay=0.1, **kw,
-    )  # fmt: skip
+        CFG,
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        schedule=schedule,
+        virtual_stages=2 if schedule == "interleaved" else 1,
+        micro_batches=max(2, pp),
+        global_batch=16,
+        zero=zero,
+        recompute=recompute,
+        bucket_mb=0.004,
+        clip=0.5,
+        weight_decay=0.1,
+        **kw,
+    )
 
 
 def trainer_for(comm, cfg, weights):

@@ -1,4 +1,4 @@
-"""AdamW, clipping, learning-rate schedules and the flat-buffer optimizer (DESIGN.md, training semantics).
+"""AdamW, clipping, learning-rate schedules and the flat-buffer optimizer (docs/training.md).
 
 The references are written here in plain Python floats (float64) from torch.optim.AdamW's documented
 algorithm and torch.nn.utils.clip_grad_norm_'s rule, not by calling mpmp's own functions.
@@ -423,9 +423,16 @@ def one_step_trainer(clip, weight_decay=0.1, lr=1e-2):
     from mpmp.runtime import Trainer
 
     cfg = TrainConfig(
-        model=TINY, parallel=ParallelConfig(), global_batch=4, seq_len=16, steps=3, lr=lr, clip=clip,
-        weight_decay=weight_decay, eps=1e-3,
-    )  # fmt: skip
+        model=TINY,
+        parallel=ParallelConfig(),
+        global_batch=4,
+        seq_len=16,
+        steps=3,
+        lr=lr,
+        clip=clip,
+        weight_decay=weight_decay,
+        eps=1e-3,
+    )
     return Trainer(cfg, LocalGrid(), TokenData(builtin_corpus() % TINY.vocab, 16, TINY.vocab), random_source(TINY, 0))
 
 

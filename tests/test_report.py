@@ -45,14 +45,29 @@ SYNTHETIC_BUBBLE = 0.375
 # (name, group, start, end, bytes, blocked ms) per stage; the dp all-reduce is in flight for 3 ms and
 # blocks 0.5 ms of it, the pipeline sends 0.1 ms of 1.
 STAGE_COMM = {
-    0: [("all_reduce", "tp", 2, 2.5, 4096, None), ("send", "pp", 1, 2, 2048, 0.1), ("recv", "pp", 2.5, 4, 2048, None),
-        ("iall_reduce", "dp", 6, 9, 65536, 0.5), ("all_reduce", "embed", 9, 9.2, 1024, None)],
-    1: [("recv", "pp", 0, 1, 2048, None), ("all_reduce", "tp", 3.5, 4, 4096, None), ("send", "pp", 3.5, 4.5, 2048, 0.1),
-        ("iall_reduce", "dp", 6.5, 8.5, 65536, 0.5), ("all_reduce", "embed", 8.5, 8.7, 1024, None)],
-}  # fmt: skip
+    0: [
+        ("all_reduce", "tp", 2, 2.5, 4096, None),
+        ("send", "pp", 1, 2, 2048, 0.1),
+        ("recv", "pp", 2.5, 4, 2048, None),
+        ("iall_reduce", "dp", 6, 9, 65536, 0.5),
+        ("all_reduce", "embed", 9, 9.2, 1024, None),
+    ],
+    1: [
+        ("recv", "pp", 0, 1, 2048, None),
+        ("all_reduce", "tp", 3.5, 4, 4096, None),
+        ("send", "pp", 3.5, 4.5, 2048, 0.1),
+        ("iall_reduce", "dp", 6.5, 8.5, 65536, 0.5),
+        ("all_reduce", "embed", 8.5, 8.7, 1024, None),
+    ],
+}
 # bytes per step, all 8 ranks (each rank one operation of each kind); the broadcast before step 3 is no step's
-SYNTHETIC_BYTES = {"dp:all_reduce": 8 * 65536, "embed:all_reduce": 8 * 1024, "pp:recv": 8 * 2048,
-                   "pp:send": 8 * 2048, "tp:all_reduce": 8 * 4096}  # fmt: skip
+SYNTHETIC_BYTES = {
+    "dp:all_reduce": 8 * 65536,
+    "embed:all_reduce": 8 * 1024,
+    "pp:recv": 8 * 2048,
+    "pp:send": 8 * 2048,
+    "tp:all_reduce": 8 * 4096,
+}
 STEP_LENGTHS = {3: 2.0, 4: 1.0, 5: 1.2, 6: 1.1}  # scale of the 10 ms pattern per traced step of run-b
 LAYOUT = {"tp": 2, "pp": 2, "dp": 2, "cp": 1}
 WORLD = 8
@@ -64,8 +79,16 @@ def stage_of(rank):
 
 def x_event(rank, tid, name, cat, span_ms, args):
     start_ms, end_ms = span_ms
-    return {"name": name, "cat": cat, "ph": "X", "ts": start_ms * 1e3, "dur": (end_ms - start_ms) * 1e3,
-            "pid": rank, "tid": tid, "args": args}  # fmt: skip
+    return {
+        "name": name,
+        "cat": cat,
+        "ph": "X",
+        "ts": start_ms * 1e3,
+        "dur": (end_ms - start_ms) * 1e3,
+        "pid": rank,
+        "tid": tid,
+        "args": args,
+    }
 
 
 def step_events(rank, k, t0_ms, scale):
@@ -96,18 +119,46 @@ def synthetic_trace(run_id="run-b"):
         for k, scale in STEP_LENGTHS.items():
             events += step_events(rank, k, t0, scale)
             t0 += 10 * scale + 1
-    memory = [{"rank": r, "params": 2**20 * (1 + stage_of(r)), "grads": 2**20, "optimizer": 2**21,
-               "activations": 2**19 * (2 - stage_of(r))} for r in range(WORLD)]  # fmt: skip
-    info = {"run_id": run_id, "layout": LAYOUT, "schedule": "1f1b", "micro_batches": 2, "virtual_stages": 1,
-            "world": WORLD, "steps": [3, 6], "memory_per_rank": memory}  # fmt: skip
+    memory = [
+        {
+            "rank": r,
+            "params": 2**20 * (1 + stage_of(r)),
+            "grads": 2**20,
+            "optimizer": 2**21,
+            "activations": 2**19 * (2 - stage_of(r)),
+        }
+        for r in range(WORLD)
+    ]
+    info = {
+        "run_id": run_id,
+        "layout": LAYOUT,
+        "schedule": "1f1b",
+        "micro_batches": 2,
+        "virtual_stages": 1,
+        "world": WORLD,
+        "steps": [3, 6],
+        "memory_per_rank": memory,
+    }
     return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": {"mpmp": info}}
 
 
 def metrics_line(step, run_id, **over):
-    line = {"step": step, "loss": 5.0 - 0.3 * step, "grad_norm": 1.0 / step, "lr": 1e-3, "step_s": 0.01,
-            "tokens_per_s": 1000.0 + step, "comm_s": 0.002, "loss_scale": 1.0, "skipped": False,
-            "param_bytes": 2**20, "grad_bytes": 2**20, "optimizer_bytes": 2**21, "activation_bytes": 2**19,
-            "run_id": run_id}  # fmt: skip
+    line = {
+        "step": step,
+        "loss": 5.0 - 0.3 * step,
+        "grad_norm": 1.0 / step,
+        "lr": 1e-3,
+        "step_s": 0.01,
+        "tokens_per_s": 1000.0 + step,
+        "comm_s": 0.002,
+        "loss_scale": 1.0,
+        "skipped": False,
+        "param_bytes": 2**20,
+        "grad_bytes": 2**20,
+        "optimizer_bytes": 2**21,
+        "activation_bytes": 2**19,
+        "run_id": run_id,
+    }
     return {**line, **over}
 
 
@@ -125,9 +176,18 @@ def synthetic_plan(per_rank=True):
     memory = [
         {"rank": r, "params": 2**20, "grads": 2**20, "optimizer": 2**21, "activations": 2**19} for r in range(WORLD)
     ]
-    return {"step_s": 0.009, "tflops_per_gpu": 0.5, "bubble_fraction": 0.25, "memory_bytes_per_rank": memory,
-            "comm_bytes_per_step": [comm] * WORLD if per_rank else comm, "tp": 2, "pp": 2, "dp": 2,
-            "schedule": "1f1b", "micro_batches": 2}  # fmt: skip
+    return {
+        "step_s": 0.009,
+        "tflops_per_gpu": 0.5,
+        "bubble_fraction": 0.25,
+        "memory_bytes_per_rank": memory,
+        "comm_bytes_per_step": [comm] * WORLD if per_rank else comm,
+        "tp": 2,
+        "pp": 2,
+        "dp": 2,
+        "schedule": "1f1b",
+        "micro_batches": 2,
+    }
 
 
 def write_run(folder: Path, trace=None, metrics=None, plan=None) -> dict:
@@ -184,8 +244,11 @@ def independent_bubble(trace_path, k) -> float:
     own = {e["pid"]: (e["ts"], e["ts"] + e["dur"]) for e in events if e["cat"] == "step" and e["args"]["step"] == k}
     busy = 0.0
     for rank, (lo, hi) in own.items():
-        pieces = sorted((max(e["ts"], lo), min(e["ts"] + e["dur"], hi)) for e in events
-                        if e["pid"] == rank and e["cat"] == "compute" and e["ts"] < hi and e["ts"] + e["dur"] > lo)  # fmt: skip
+        pieces = sorted(
+            (max(e["ts"], lo), min(e["ts"] + e["dur"], hi))
+            for e in events
+            if e["pid"] == rank and e["cat"] == "compute" and e["ts"] < hi and e["ts"] + e["dur"] > lo
+        )
         merged = []
         for a, b in pieces:
             if merged and a <= merged[-1][1]:
@@ -314,21 +377,33 @@ BAD_INPUTS = {
     "missing metrics": (lambda run: os.remove(run["metrics"]), [], "cannot read metrics"),
     "missing trace": (lambda run: os.remove(run["trace"]), [], "cannot read trace"),
     "missing plan": (lambda run: os.remove(run["plan"]), ["--plan", "{plan}"], "cannot read plan"),
-    "malformed metrics": (lambda run: _break(run, "metrics", '{"step": 1, "run_id": "a"}\n{"step": 2,\n'), [],
-                          "line 2: not valid JSON"),
+    "malformed metrics": (
+        lambda run: _break(run, "metrics", '{"step": 1, "run_id": "a"}\n{"step": 2,\n'),
+        [],
+        "line 2: not valid JSON",
+    ),
     "metrics line without run_id": (lambda run: _break(run, "metrics", '{"step": 1}\n'), [], "run_id"),
-    "metrics value not a number": (lambda run: _break(run, "metrics", '{"step": 1, "run_id": "run-b", "loss": "low"}\n'),
-                                   ["--step", "3"], "'low' is not a number"),
+    "metrics value not a number": (
+        lambda run: _break(run, "metrics", '{"step": 1, "run_id": "run-b", "loss": "low"}\n'),
+        ["--step", "3"],
+        "'low' is not a number",
+    ),
     "malformed trace": (lambda run: _break(run, "trace", '{"traceEvents": ['), [], "not valid JSON"),
     "trace without otherData": (lambda run: _break(run, "trace", '{"traceEvents": []}'), [], "otherData.mpmp"),
     "malformed plan": (lambda run: _break(run, "plan", "[1, 2"), ["--plan", "{plan}"], "not valid JSON"),
-    "plan without step_s": (lambda run: _break(run, "plan", json.dumps({"bubble_fraction": 0.1})), ["--plan", "{plan}"],
-                            "step_s"),
-    "trace of another run": (lambda run: _break(run, "trace", json.dumps(synthetic_trace("run-c"))), [],
-                             "from run run-c"),
+    "plan without step_s": (
+        lambda run: _break(run, "plan", json.dumps({"bubble_fraction": 0.1})),
+        ["--plan", "{plan}"],
+        "step_s",
+    ),
+    "trace of another run": (
+        lambda run: _break(run, "trace", json.dumps(synthetic_trace("run-c"))),
+        [],
+        "from run run-c",
+    ),
     "step outside the trace": (lambda run: None, ["--step", "2"], "step 2 is not in trace"),
     "step never traced": (lambda run: None, ["--step", "99"], "holds steps 3..6"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
@@ -366,8 +441,14 @@ def clean_env():
 
 
 def run_report(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "mpmp.report", *map(str, args)], cwd=ROOT, env=clean_env(),
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "mpmp.report", *map(str, args)],
+        cwd=ROOT,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_command_exits_2_with_one_line_for_a_missing_file(tmp_path):
@@ -377,11 +458,14 @@ def test_command_exits_2_with_one_line_for_a_missing_file(tmp_path):
 
 
 def test_report_starts_no_mpi():
-    code = ("import sys, mpmp.report.__main__, mpmp.report.files, mpmp.report.steps\n"
-            "try:\n    import mpmp.report.timeline, mpmp.report.curves, mpmp.report.memory\nexcept ImportError:\n    pass\n"
-            "assert 'mpi4py' not in sys.modules, 'mpmp.report imported mpi4py'")  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    code = (
+        "import sys, mpmp.report.__main__, mpmp.report.files, mpmp.report.steps\n"
+        "try:\n    import mpmp.report.timeline, mpmp.report.curves, mpmp.report.memory\nexcept ImportError:\n    pass\n"
+        "assert 'mpi4py' not in sys.modules, 'mpmp.report imported mpi4py'"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -407,8 +491,27 @@ def check_real_report(tmp_path, metrics, trace, ranks):
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun is not on PATH")
 def test_report_of_a_real_four_rank_tp2_pp2_run(tmp_path):
     metrics, trace = tmp_path / "m.jsonl", tmp_path / "t.json"
-    cmd = ["mpirun", "-n", "4", sys.executable, "-m", "mpmp.train", "--tp", "2", "--pp", "2", "--steps", "5", *TINY,
-           "--metrics", metrics, "--trace", trace, "--trace-steps", "2:5"]  # fmt: skip
+    cmd = [
+        "mpirun",
+        "-n",
+        "4",
+        sys.executable,
+        "-m",
+        "mpmp.train",
+        "--tp",
+        "2",
+        "--pp",
+        "2",
+        "--steps",
+        "5",
+        *TINY,
+        "--metrics",
+        metrics,
+        "--trace",
+        trace,
+        "--trace-steps",
+        "2:5",
+    ]
     proc = subprocess.run(list(map(str, cmd)), cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     info = json.loads(trace.read_text())["otherData"]["mpmp"]

@@ -47,8 +47,18 @@ def layout(tp, pp, extra=()):
 def test_resume_gives_the_bit_identical_loss_curve_on_one_process(tmp_path):
     train(["--steps", "6", "--metrics", str(tmp_path / "whole.jsonl")])
     train(["--steps", "3", "--save", str(tmp_path / "ck"), "--metrics", str(tmp_path / "part.jsonl")])
-    train(["--steps", "6", "--resume", str(tmp_path / "ck"), "--save", str(tmp_path / "ck"),
-           "--metrics", str(tmp_path / "part.jsonl")])  # fmt: skip
+    train(
+        [
+            "--steps",
+            "6",
+            "--resume",
+            str(tmp_path / "ck"),
+            "--save",
+            str(tmp_path / "ck"),
+            "--metrics",
+            str(tmp_path / "part.jsonl"),
+        ]
+    )
     assert losses(tmp_path / "part.jsonl") == losses(tmp_path / "whole.jsonl")  # bit for bit
 
 
@@ -65,8 +75,9 @@ def test_resume_is_bit_identical_on_a_3d_layout_and_reshards_to_others(tmp_path)
     train(["--steps", "4", "--resume", "auto", "--save", str(a), "--metrics", str(m), *layout(2, 2)], n=8)
     assert losses(m) == whole[:4]
     train(["--steps", "7", "--resume", str(a), "--save", str(b), "--metrics", str(m), *layout(4, 2)], n=8)
-    train(["--steps", "9", "--resume", str(b), "--save", str(c), "--metrics", str(m), *layout(2, 1, ["--zero", "1"])],
-          n=8)  # fmt: skip
+    train(
+        ["--steps", "9", "--resume", str(b), "--save", str(c), "--metrics", str(m), *layout(2, 1, ["--zero", "1"])], n=8
+    )
     numpy.testing.assert_allclose(losses(m), whole, rtol=1e-5)
     for ck, (dp, pp, tp, zero) in ((b, (1, 2, 4, 0)), (c, (4, 1, 2, 1))):
         lay = json.load(open(next(ck.glob("step_*")) / "manifest.json"))["layout"]
@@ -188,8 +199,22 @@ def test_a_rank_killed_mid_step_ends_the_job_and_the_last_checkpoint_loads(tmp_p
     from mpmp import checkpoint
 
     ck = tmp_path / "ck"
-    cmd = [MPIRUN, "-n", "4", sys.executable, "-m", "mpmp.train", *TINY, *layout(2, 2, ["--dtype", "fp32"]),
-           "--steps", "100000", "--save", str(ck), "--save-every", "5"]  # fmt: skip
+    cmd = [
+        MPIRUN,
+        "-n",
+        "4",
+        sys.executable,
+        "-m",
+        "mpmp.train",
+        *TINY,
+        *layout(2, 2, ["--dtype", "fp32"]),
+        "--steps",
+        "100000",
+        "--save",
+        str(ck),
+        "--save-every",
+        "5",
+    ]
     proc = subprocess.Popen(
         cmd, env=clean_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
@@ -244,8 +269,14 @@ def run_script(tmp_path, body, n=2, timeout=60):
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(body))
     start = time.time()
-    proc = subprocess.run([MPIRUN, "-n", str(n), sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=timeout, env=clean_env(), cwd=ROOT)  # fmt: skip
+    proc = subprocess.run(
+        [MPIRUN, "-n", str(n), sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=clean_env(),
+        cwd=ROOT,
+    )
     return proc, time.time() - start
 
 
@@ -313,8 +344,19 @@ def test_mixed_precision_resume_is_bit_identical_and_keep_last_prunes(tmp_path, 
     train(["--steps", "6", "--dtype", dtype, "--metrics", str(tmp_path / "whole.jsonl")])
     train(["--steps", "3", *common, "--save", str(tmp_path / "ck"), "--metrics", str(tmp_path / "part.jsonl")])
     assert sorted(p.name for p in (tmp_path / "ck").glob("step_*")) == ["step_00000002", "step_00000003"]
-    train(["--steps", "6", *common, "--resume", "auto", "--save", str(tmp_path / "ck"),
-           "--metrics", str(tmp_path / "part.jsonl")])  # fmt: skip
+    train(
+        [
+            "--steps",
+            "6",
+            *common,
+            "--resume",
+            "auto",
+            "--save",
+            str(tmp_path / "ck"),
+            "--metrics",
+            str(tmp_path / "part.jsonl"),
+        ]
+    )
     assert losses(tmp_path / "part.jsonl") == losses(tmp_path / "whole.jsonl")
 
 

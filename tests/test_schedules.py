@@ -158,7 +158,8 @@ def test_zb_h1_never_holds_more_than_pp_micro_batches_until_their_weight_gradien
 
 
 def simulated_bubble(schedule, pp, m, v=1, costs=(1.0, 1.0, 1.0)):
-    return S.bubble_fraction(S.simulate(S.build_all(schedule, pp, m, v), pp, m, v, *costs))
+    t_f, t_b, t_w = costs
+    return S.bubble_fraction(S.simulate(S.build_all(schedule, pp, m, v), pp, m, v, t_f=t_f, t_b=t_b, t_w=t_w))
 
 
 def test_simulation_charges_a_fused_backward_b_plus_w_and_a_chunk_one_vth():
@@ -176,6 +177,14 @@ def test_simulation_charges_a_fused_backward_b_plus_w_and_a_chunk_one_vth():
         ("interleaved", "Forward"): 0.5,
         ("interleaved", "Backward"): 3.0,
     }
+
+
+def test_simulation_takes_a_cost_per_stage_and_the_slowest_stage_sets_the_pace():
+    """GPipe on 2 stages, m = 3: stage 1 twice as slow. Stage 0's forwards run back to back (0-3);
+    stage 1's start at 1 and follow each other: 1-3, 3-5, 5-7."""
+    timeline = S.simulate(S.build_all("gpipe", 2, 3), 2, 3, t_f=[1.0, 2.0], t_b=[1.0, 2.0], t_w=0.0)
+    forwards = [[(a, b) for a, b, ins in t if isinstance(ins, S.Forward)] for t in timeline]
+    assert forwards == [[(0, 1), (1, 2), (2, 3)], [(1, 3), (3, 5), (5, 7)]]
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])

@@ -164,15 +164,49 @@ def test_training_with_tp4_gives_the_losses_of_tp1(tmp_path):
     cfg = ModelConfig(vocab=256, seq_len=16, d_model=32, layers=2, heads=4)
     init = tmp_path / "init.npz"
     save_interchange(str(init), random_weights(cfg, seed=7))
-    common = ["-m", "mpmp.train", "--init-from", str(init), "--heads", "4", "--steps", "10", "--global-batch", "8",
-              "--seq-len", "16", "--quiet"]  # fmt: skip
+    common = [
+        "-m",
+        "mpmp.train",
+        "--init-from",
+        str(init),
+        "--heads",
+        "4",
+        "--steps",
+        "10",
+        "--global-batch",
+        "8",
+        "--seq-len",
+        "16",
+        "--quiet",
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPI_", "HYDRA_", "OMPI_", "PMIX_"))}
-    one = subprocess.run([sys.executable, *common, "--metrics", str(tmp_path / "one.jsonl")],
-                         env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    one = subprocess.run(
+        [sys.executable, *common, "--metrics", str(tmp_path / "one.jsonl")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert one.returncode == 0, one.stderr
-    four = subprocess.run([_mpirun(), "-n", "4", sys.executable, *common, "--tp", "4", "--pp", "1",
-                           "--metrics", str(tmp_path / "four.jsonl")],
-                          env=env, capture_output=True, text=True, timeout=180)  # fmt: skip
+    four = subprocess.run(
+        [
+            _mpirun(),
+            "-n",
+            "4",
+            sys.executable,
+            *common,
+            "--tp",
+            "4",
+            "--pp",
+            "1",
+            "--metrics",
+            str(tmp_path / "four.jsonl"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert four.returncode == 0, four.stderr
     a = [json.loads(line)["loss"] for line in open(tmp_path / "one.jsonl")]
     b = [json.loads(line)["loss"] for line in open(tmp_path / "four.jsonl")]

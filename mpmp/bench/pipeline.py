@@ -237,8 +237,10 @@ def run(args, comm) -> list[dict] | None:
     previous = ledger.get()
     ledger.install(ledger.Ledger(grid.rank, keep_events=True))
     try:
-        cases = [_Case(s, grid, group, args.m, args.virtual_stages if s == "interleaved" else 1, args.unit_ms / 1e3)
-                 for s in args.schedules]  # fmt: skip
+        cases = [
+            _Case(s, grid, group, args.m, args.virtual_stages if s == "interleaved" else 1, args.unit_ms / 1e3)
+            for s in args.schedules
+        ]
         per_step = [[] for _ in cases]
         # Round robin over the schedules, step by step: a burst of load on the node (other jobs) then
         # spoils one step of every schedule, which the median drops, not every step of one schedule.
@@ -328,17 +330,29 @@ def parse_args(argv=None, world_size: int = 2):
         "with stages of equal, controlled cost (sleeps), beside the papers' formulas.",
     )
     p.add_argument("--micro-batches", type=int, dest="m", metavar="M", help="micro-batches per step (default 2*pp)")
-    p.add_argument("--schedules", default=",".join(S.SCHEDULES), metavar="LIST",
-                   help=f"comma-separated, from {','.join(S.SCHEDULES)} (default: all)")  # fmt: skip
+    p.add_argument(
+        "--schedules",
+        default=",".join(S.SCHEDULES),
+        metavar="LIST",
+        help=f"comma-separated, from {','.join(S.SCHEDULES)} (default: all)",
+    )
     p.add_argument("--virtual-stages", type=int, default=2, metavar="V", help="chunks per rank for interleaved (2)")
-    p.add_argument("--unit-ms", type=float, default=40.0, metavar="MS",
-                   help="t_F = t_B = t_W of one stage in ms (default 40: the engine's cost per instruction and "
-                   "a message's latency, 0.05-0.5 ms each on a busy 2-core node, stay near 1%% of it)")  # fmt: skip
+    p.add_argument(
+        "--unit-ms",
+        type=float,
+        default=40.0,
+        metavar="MS",
+        help="t_F = t_B = t_W of one stage in ms (default 40: the engine's cost per instruction and "
+        "a message's latency, 0.05-0.5 ms each on a busy 2-core node, stay near 1%% of it)",
+    )
     p.add_argument("--steps", type=int, default=5, help="measured steps per schedule; the median is reported (5)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured steps first (1)")
-    p.add_argument("--quiet-wait", action="store_true",
-                   help="wait for messages by polling with short sleeps, not in MPICH's wait (which training "
-                   "uses): less CPU on a node shared with other jobs, the same bubble on an idle one")  # fmt: skip
+    p.add_argument(
+        "--quiet-wait",
+        action="store_true",
+        help="wait for messages by polling with short sleeps, not in MPICH's wait (which training "
+        "uses): less CPU on a node shared with other jobs, the same bubble on an idle one",
+    )
     p.add_argument("--png", metavar="FILE", help="draw the measured per-rank timelines (needs matplotlib)")
     p.add_argument("--json", metavar="FILE", help="write the rows, per-step bubbles and timelines as JSON")
     args = p.parse_args(argv)

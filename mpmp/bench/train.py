@@ -34,7 +34,9 @@ def gemm_flops(n=2048, reps=5) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
-def train_rate(v, d, layers, heads, s, b, steps=5, warmup=2) -> dict:
+def train_rate(shape, *, steps=5, warmup=2) -> dict:
+    """Median step time of a one-process run of shape (V, D, L, H, S, B), and what it implies."""
+    v, d, layers, heads, s, b = shape
     from mpmp.comm.grid import LocalGrid
     from mpmp.data import TokenData, builtin_corpus
     from mpmp.model.gpt import random_source
@@ -58,8 +60,13 @@ def train_rate(v, d, layers, heads, s, b, steps=5, warmup=2) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m mpmp.bench train", description=__doc__.split("\n")[0])
-    p.add_argument("--config", action="append", default=None, metavar="V,D,L,H,S,B",
-                   help="a model and batch to measure (repeatable); default: the two tracked configurations")  # fmt: skip
+    p.add_argument(
+        "--config",
+        action="append",
+        default=None,
+        metavar="V,D,L,H,S,B",
+        help="a model and batch to measure (repeatable); default: the two tracked configurations",
+    )
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json", default=None, help="also write the results here")
@@ -72,7 +79,7 @@ def main(argv=None):
     )
     rows = []
     for shape, goal in configs:
-        r = train_rate(*shape, steps=args.steps, warmup=args.warmup)
+        r = train_rate(shape, steps=args.steps, warmup=args.warmup)
         r["fraction_of_gemm"] = r["model_flops"] / peak
         r["goal"] = goal
         rows.append(r)

@@ -25,7 +25,7 @@ def block_sizes(n: int, parts: int) -> list[int]:
 class Handle:
     """A non-blocking operation in flight; wait() completes it and returns its result."""
 
-    def __init__(self, group, token, requests, finish, nbytes, dtype, peer=-1):
+    def __init__(self, group, token, requests, finish, *, nbytes, dtype, peer=-1):
         self._group, self._token, self._requests, self._finish = group, token, requests, finish
         self._nbytes, self._dtype, self._peer = nbytes, dtype, peer
         self._done, self._result = False, None
@@ -137,7 +137,7 @@ class Group:
                 array_module(x).divide(x, self.size, out=x)
             return x
 
-        return Handle(self, token, requests, finish, x.nbytes, x.dtype)
+        return Handle(self, token, requests, finish, nbytes=x.nbytes, dtype=x.dtype)
 
     def all_gather(self, x, axis=0, sizes=None, exact=False, out=None):
         """Concatenate every member's x along axis. sizes: each member's extent along axis when
@@ -219,7 +219,8 @@ class Group:
         fmt = self._format(x, False)
         payload = to_wire(x, fmt) if fmt else x  # the handle keeps the payload alive until wait()
         token = self._record_begin("send", blocking=False)
-        handle = Handle(self, token, self._isend(payload, peer, tag), None, payload.nbytes, fmt or x.dtype, peer)
+        requests = self._isend(payload, peer, tag)
+        handle = Handle(self, token, requests, None, nbytes=payload.nbytes, dtype=fmt or x.dtype, peer=peer)
         handle.payload = payload
         return handle
 
@@ -232,7 +233,8 @@ class Group:
         else:
             buf, finish = out, lambda: out  # noqa: E731
         token = self._record_begin("recv", blocking=False)
-        return Handle(self, token, self._irecv(buf, peer, tag), finish, buf.nbytes, fmt or out.dtype, peer)
+        requests = self._irecv(buf, peer, tag)
+        return Handle(self, token, requests, finish, nbytes=buf.nbytes, dtype=fmt or out.dtype, peer=peer)
 
     def send(self, x, peer, tag=0):
         self.isend(x, peer, tag).wait()

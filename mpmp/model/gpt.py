@@ -254,8 +254,18 @@ class GPT:
     precision: None, or "bf16"/"fp16" for activations stored in that format between modules.
     """
 
-    def __init__(self, cfg: ModelConfig, source, *, ranges=None, group=None, sp=False, recompute="none",
-                 dtype=numpy.float32, precision=None):  # fmt: skip
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        source,
+        *,
+        ranges=None,
+        group=None,
+        sp=False,
+        recompute="none",
+        dtype=numpy.float32,
+        precision=None,
+    ):
         self.cfg = cfg
         group = group or SelfGroup("tp")
         self.group, self.sp = group, sp

@@ -245,8 +245,9 @@ def _identity(x):
     return x
 
 
-def cross_entropy_forward(logits, targets, scale, *, vocab_start=0, vocab_valid=None, all_reduce_max=_identity,
-                          all_reduce_sum=_identity):  # fmt: skip
+def cross_entropy_forward(
+    logits, targets, scale, *, vocab_start=0, vocab_valid=None, all_reduce_max=_identity, all_reduce_sum=_identity
+):
     """scale * sum over rows of -log softmax(logits)[target]; logits [N, V_local] are overwritten.
 
     With a vocabulary split over ranks (Megatron's vocab-parallel cross-entropy, arXiv 1909.08053 §3),

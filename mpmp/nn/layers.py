@@ -14,7 +14,7 @@ from mpmp.nn import functional as F
 class Parameter:
     """A (local shard of a) named model tensor and its gradient.
 
-    name:  the interchange name of the full tensor (DESIGN.md), e.g. "h.0.attn.c_attn.weight".
+    name:  the interchange name of the full tensor (docs/interchange.md), e.g. "h.0.attn.c_attn.weight".
     split: how the full tensor is split over tensor-parallel ranks (see parallel.shard), None = replicated.
     decay: whether AdamW's weight decay applies (2-D tensors only).
     """

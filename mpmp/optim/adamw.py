@@ -22,8 +22,9 @@ def runs(mask) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[0::2], edges[1::2])]
 
 
-def adamw_update(param, grad, m, v, *, step: int, lr: float, hp: AdamWConfig, decay_runs=(), scratch=None,
-                 grad_scale=1.0):  # fmt: skip
+def adamw_update(
+    param, grad, m, v, *, step: int, lr: float, hp: AdamWConfig, decay_runs=(), scratch=None, grad_scale=1.0
+):
     """One AdamW step in place on flat arrays (step counts from 1), in torch's order of operations,
     with g = grad * grad_scale (clipping, loss scale) formed chunk by chunk; grad is not modified."""
     xp = array_module(param)
@@ -69,8 +70,18 @@ class AdamW:
 
     def step(self, grad, lr, grad_scale=1.0):
         self.step_count += 1
-        adamw_update(self.param, grad, self.m, self.v, step=self.step_count, lr=lr, hp=self.hp,
-                     decay_runs=self.decay_runs, scratch=self.scratch, grad_scale=grad_scale)  # fmt: skip
+        adamw_update(
+            self.param,
+            grad,
+            self.m,
+            self.v,
+            step=self.step_count,
+            lr=lr,
+            hp=self.hp,
+            decay_runs=self.decay_runs,
+            scratch=self.scratch,
+            grad_scale=grad_scale,
+        )
 
     def state_bytes(self) -> int:
         return self.m.nbytes + self.v.nbytes

@@ -7,8 +7,9 @@ from mpmp.errors import ConfigError
 SCHEDULES = ("constant", "warmup", "cosine")
 
 
-def learning_rate(step: int, lr: float, schedule: str = "constant", warmup: int = 0, total: int = 1,
-                  min_lr: float = 0.0) -> float:  # fmt: skip
+def learning_rate(
+    step: int, lr: float, schedule: str = "constant", warmup: int = 0, total: int = 1, min_lr: float = 0.0
+) -> float:
     """The rate for 0-based step `step`.
 
     warmup: lr * (step + 1) / warmup for the first `warmup` steps (then constant, or cosine).

@@ -59,8 +59,19 @@ class _Step:
 
 
 class PipelineEngine:
-    def __init__(self, model, group, *, pp: int, stage: int, neighbours, virtual_stages: int = 1, act_shape,
-                 act_dtype=numpy.float32, on_grads_final=None):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        group,
+        *,
+        pp: int,
+        stage: int,
+        neighbours,
+        virtual_stages: int = 1,
+        act_shape,
+        act_dtype=numpy.float32,
+        on_grads_final=None,
+    ):
         """model: this rank's GPT (one chunk per virtual stage). group: the pipeline group (group rank =
         stage). neighbours: (previous, next) stage from the grid (a ring, for interleaving). act_shape:
         the [b, S_local, D] of an activation crossing stages. on_grads_final(module): called when a
@@ -147,8 +158,12 @@ class PipelineEngine:
         final = not split and step.backward_count[ins.chunk] == len(step.microbatches)
         wgrad = [] if split else None
         with ledger.get().span(f"{'B' if split else 'BW'}{ins.mb}.{ins.chunk}"):
-            dx = chunk.backward(step.grads_in.pop(key, None), step.caches.pop(key), wgrad,
-                                on_module_done=self.on_grads_final if final else None)  # fmt: skip
+            dx = chunk.backward(
+                step.grads_in.pop(key, None),
+                step.caches.pop(key),
+                wgrad,
+                on_module_done=self.on_grads_final if final else None,
+            )
         if split:
             step.deferred[key] = wgrad
         else:

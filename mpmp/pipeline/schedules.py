@@ -237,99 +237,139 @@ def message_key(ins, pp: int, stage: int) -> tuple:
     return (direction, ins.mb, other, vs)
 
 
-def simulate(programs, pp: int, m: int, v: int = 1, t_f=1.0, t_b=1.0, t_w=1.0, t_comm=0.0):
+class _Blocked(Exception):
+    """A receive whose message has not been sent yet: the rank waits, the others go on."""
+
+
+class _Simulation:
+    """Every rank's program run against the others (see simulate). Per rank: the position in its
+    program, its clock, and per (mb, chunk) how far it got ("F", then "B" when split, then "W")."""
+
+    def __init__(self, programs, pp: int, m: int, v: int, costs: dict, t_comm: float):
+        self.programs, self.pp, self.m, self.v = programs, pp, m, v
+        self.costs, self.t_comm = costs, t_comm  # instruction type -> per-rank seconds
+        self.pos, self.clock = [0] * pp, [0.0] * pp
+        self.sent, self.received = {}, set()  # message key -> arrival time; keys received
+        self.state = [{} for _ in range(pp)]
+        self.have_input, self.have_grad = [set() for _ in range(pp)], [set() for _ in range(pp)]
+        self.timeline = [[] for _ in range(pp)]
+        self.last_vs = pp * v - 1
+        self.handlers = {
+            RecvForward: self._recv,
+            RecvBackward: self._recv,
+            SendForward: self._send,
+            SendBackward: self._send,
+            Forward: self._forward,
+            Backward: self._backward,
+            BackwardInput: self._backward,
+            BackwardWeight: self._weight,
+        }
+
+    def fail(self, s, msg):
+        here = self.programs[s][self.pos[s]] if self.pos[s] < len(self.programs[s]) else "end"
+        raise ScheduleError(f"rank {s}: {here}: {msg}")
+
+    def run(self):
+        while not all(self.pos[s] == len(self.programs[s]) for s in range(self.pp)):
+            if not any([self._advance(s) for s in range(self.pp)]):
+                stuck = [s for s in range(self.pp) if self.pos[s] < len(self.programs[s])]
+                waits = (f"rank {s} waits at {self.programs[s][self.pos[s]]}, which is never sent" for s in stuck)
+                raise ScheduleError("deadlock: " + "; ".join(waits))
+        self._check_complete()
+        return self.timeline
+
+    def _advance(self, s) -> bool:
+        """Run rank s until it blocks or ends; whether it got anywhere."""
+        progressed = False
+        while self.pos[s] < len(self.programs[s]):
+            ins = self.programs[s][self.pos[s]]
+            if ins.mb >= 0 and not (0 <= ins.mb < self.m and 0 <= ins.chunk < self.v):
+                self.fail(s, f"micro-batch or chunk out of range (m = {self.m}, v = {self.v})")
+            try:
+                self.handlers[type(ins)](s, ins, (ins.mb, ins.chunk))
+            except _Blocked:
+                break
+            if type(ins) in self.costs:
+                start = self.clock[s]
+                self.clock[s] += self.costs[type(ins)][s]
+                self.timeline[s].append((start, self.clock[s], ins))
+            self.pos[s] += 1
+            progressed = True
+        return progressed
+
+    def _recv(self, s, ins, unit):
+        key = message_key(ins, self.pp, s)
+        if key not in self.sent:
+            raise _Blocked
+        if key in self.received:
+            self.fail(s, "message received twice")
+        self.received.add(key)
+        self.clock[s] = max(self.clock[s], self.sent[key])
+        (self.have_input if isinstance(ins, RecvForward) else self.have_grad)[s].add(unit)
+
+    def _send(self, s, ins, unit):
+        key = message_key(ins, self.pp, s)
+        if key in self.sent:
+            self.fail(s, "message sent twice")
+        done = self.state[s].get(unit)
+        if done is None or (isinstance(ins, SendBackward) and done == "F"):
+            self.fail(s, "sends a result that has not been computed")
+        self.sent[key] = self.clock[s] + self.t_comm
+
+    def _forward(self, s, ins, unit):
+        if unit in self.state[s]:
+            self.fail(s, "forward computed twice")
+        if ins.chunk * self.pp + s > 0 and unit not in self.have_input[s]:
+            self.fail(s, "forward without its input (missing RecvForward)")
+        self.state[s][unit] = "F"
+
+    def _backward(self, s, ins, unit):
+        if self.state[s].get(unit) != "F":
+            self.fail(s, "backward before its forward, or twice")
+        if ins.chunk * self.pp + s < self.last_vs and unit not in self.have_grad[s]:
+            self.fail(s, "backward without its output gradient (missing RecvBackward)")
+        self.state[s][unit] = "W" if isinstance(ins, Backward) else "B"
+
+    def _weight(self, s, ins, unit):
+        if self.state[s].get(unit) != "B":
+            self.fail(s, "weight gradient before its input-gradient backward, or twice")
+        self.state[s][unit] = "W"
+
+    def _check_complete(self):
+        for s in range(self.pp):
+            for unit in ((mb, c) for mb in range(self.m) for c in range(self.v)):
+                if self.state[s].get(unit) != "W":
+                    raise ScheduleError(
+                        f"rank {s}: micro-batch {unit[0]} chunk {unit[1]} is not fully computed "
+                        f"(state {self.state[s].get(unit)})"
+                    )
+        unreceived = set(self.sent) - self.received
+        if unreceived:
+            d, mb, src, dst = sorted(unreceived)[0]
+            raise ScheduleError(
+                f"rank {src % self.pp}: a {d} message of micro-batch {mb} to rank {dst % self.pp} is never received"
+            )
+
+
+def simulate(programs, pp: int, m: int, v: int = 1, *, t_f=1.0, t_b=1.0, t_w=1.0, t_comm=0.0):
     """Run every rank's program against the others as an event simulation: sends never block (MPI
     Isend), receives wait for their message. Checks that every send is received, nothing waits
     forever, each (mb, chunk) is computed F, then B, then W exactly once, and forward inputs and
-    backward gradients exist when used. Times: F, B, W per chunk of a stage (a fused Backward costs
-    t_b + t_w). Returns per-rank lists of (start, end, instr) for computations.
+    backward gradients exist when used. Times: F, B, W of a stage's whole share of the model (a chunk
+    costs 1/v of it; a fused Backward costs t_b + t_w), each a number or a list of one per stage;
+    t_comm: a transfer's latency. Returns per-rank lists of (start, end, instr) for computations.
 
     Raises ScheduleError naming the rank and instruction at fault.
     """
-    n = len(programs)
-    if n != pp:
-        raise ScheduleError(f"{n} instruction lists for pp = {pp}")
-    pos, clock = [0] * pp, [0.0] * pp
-    sent = {}  # key -> arrival time
-    received = set()
-    state = [dict() for _ in range(pp)]  # (mb, chunk) -> "F" | "B" | "W"
-    have_input = [set() for _ in range(pp)]
-    have_grad = [set() for _ in range(pp)]
-    timeline = [[] for _ in range(pp)]
-    cost = {Forward: t_f, Backward: t_b + t_w, BackwardInput: t_b, BackwardWeight: t_w}
-    cost = {k: c / v for k, c in cost.items()}
-    last_vs = pp * v - 1
+    if len(programs) != pp:
+        raise ScheduleError(f"{len(programs)} instruction lists for pp = {pp}")
 
-    def fail(s, msg):
-        raise ScheduleError(f"rank {s}: {programs[s][pos[s]] if pos[s] < len(programs[s]) else 'end'}: {msg}")
+    def per_stage(t):
+        return [float(x) / v for x in (t if isinstance(t, (list, tuple)) else [t] * pp)]
 
-    while True:
-        progressed = False
-        for s in range(pp):
-            while pos[s] < len(programs[s]):
-                ins = programs[s][pos[s]]
-                unit = (ins.mb, ins.chunk)
-                vs = ins.chunk * pp + s
-                if ins.mb >= 0 and not (0 <= ins.mb < m and 0 <= ins.chunk < v):
-                    fail(s, f"micro-batch or chunk out of range (m = {m}, v = {v})")
-                if isinstance(ins, (RecvForward, RecvBackward)):
-                    key = message_key(ins, pp, s)
-                    if key not in sent:
-                        break  # blocked: try other ranks
-                    if key in received:
-                        fail(s, "message received twice")
-                    received.add(key)
-                    clock[s] = max(clock[s], sent[key])
-                    (have_input if isinstance(ins, RecvForward) else have_grad)[s].add(unit)
-                elif isinstance(ins, (SendForward, SendBackward)):
-                    key = message_key(ins, pp, s)
-                    if key in sent:
-                        fail(s, "message sent twice")
-                    need = "F" if isinstance(ins, SendForward) else "B"
-                    if state[s].get(unit) is None or (need == "B" and state[s][unit] == "F"):
-                        fail(s, "sends a result that has not been computed")
-                    sent[key] = clock[s] + t_comm
-                elif isinstance(ins, Forward):
-                    if unit in state[s]:
-                        fail(s, "forward computed twice")
-                    if vs > 0 and unit not in have_input[s]:
-                        fail(s, "forward without its input (missing RecvForward)")
-                    state[s][unit] = "F"
-                elif isinstance(ins, (Backward, BackwardInput)):
-                    if state[s].get(unit) != "F":
-                        fail(s, "backward before its forward, or twice")
-                    if vs < last_vs and unit not in have_grad[s]:
-                        fail(s, "backward without its output gradient (missing RecvBackward)")
-                    state[s][unit] = "W" if isinstance(ins, Backward) else "B"
-                elif isinstance(ins, BackwardWeight):
-                    if state[s].get(unit) != "B":
-                        fail(s, "weight gradient before its input-gradient backward, or twice")
-                    state[s][unit] = "W"
-                if type(ins) in cost:
-                    start = clock[s]
-                    clock[s] += cost[type(ins)]
-                    timeline[s].append((start, clock[s], ins))
-                pos[s] += 1
-                progressed = True
-        if all(pos[s] == len(programs[s]) for s in range(pp)):
-            break
-        if not progressed:
-            stuck = [s for s in range(pp) if pos[s] < len(programs[s])]
-            raise ScheduleError(
-                "deadlock: " + "; ".join(f"rank {s} waits at {programs[s][pos[s]]}, which is never sent" for s in stuck)
-            )
-    for s in range(pp):
-        for mb in range(m):
-            for c in range(v):
-                if state[s].get((mb, c)) != "W":
-                    raise ScheduleError(
-                        f"rank {s}: micro-batch {mb} chunk {c} is not fully computed (state {state[s].get((mb, c))})"
-                    )
-    unreceived = set(sent) - received
-    if unreceived:
-        d, mb, src, dst = sorted(unreceived)[0]
-        raise ScheduleError(f"rank {src % pp}: a {d} message of micro-batch {mb} to rank {dst % pp} is never received")
-    return timeline
+    f, b, w = per_stage(t_f), per_stage(t_b), per_stage(t_w)
+    costs = {Forward: f, Backward: [x + y for x, y in zip(b, w)], BackwardInput: b, BackwardWeight: w}
+    return _Simulation(programs, pp, m, v, costs, t_comm).run()
 
 
 def check(programs, pp: int, m: int, v: int = 1):

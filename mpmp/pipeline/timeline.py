@@ -30,16 +30,19 @@ def slot_timeline(schedule: str, pp: int, m: int, v: int, costs: list[Fraction])
     """Simulate; return per-rank lists of (first slot, slots, label), the slot count, the bubble and the
     time one slot stands for at v = 1."""
     S.validate(schedule, pp, m, v)  # before build_all, which returns no ranks at all for pp < 1
-    timeline = S.simulate(S.build_all(schedule, pp, m, v), pp, m, v, *map(float, costs))
+    t_f, t_b, t_w = map(float, costs)
+    timeline = S.simulate(S.build_all(schedule, pp, m, v), pp, m, v, t_f=t_f, t_b=t_b, t_w=t_w)
     # One slot is the largest time that divides every cost (1 for unit costs), over v for the chunks.
     scale = math.lcm(*(c.denominator for c in costs))
     quantum = Fraction(math.gcd(*(int(c * scale) for c in costs)), scale)
     unit = float(quantum) / v
     rows = [
-        [(round(a / unit), round((b - a) / unit), f"{LETTER[type(i)]}{i.mb}" + (chr(97 + i.chunk) if v > 1 else ""))
-         for a, b, i in t]
+        [
+            (round(a / unit), round((b - a) / unit), f"{LETTER[type(i)]}{i.mb}" + (chr(97 + i.chunk) if v > 1 else ""))
+            for a, b, i in t
+        ]
         for t in timeline
-    ]  # fmt: skip
+    ]
     n_slots = max(start + span for row in rows for start, span, _ in row)
     return rows, n_slots, S.bubble_fraction(timeline), quantum
 
@@ -91,5 +94,3 @@ def save_png(plt, path: str, rows, n_slots: int, title: str):
     fig, ax = plt.subplots(figsize=(min(40, 2 + 0.3 * n_slots), 1 + 0.45 * len(rows)))
     draw_timeline(ax, rows, n_slots, title)
     save_figure(plt, fig, path)
-
-

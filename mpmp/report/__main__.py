@@ -23,8 +23,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", required=True, metavar="FILE", help="the run's --metrics JSONL")
     p.add_argument("--trace", metavar="FILE", help="the run's --trace JSON: adds the timeline and bytes per operation")
     p.add_argument("--plan", metavar="FILE", help="python -m mpmp.plan --json output: predictions beside the measures")
-    p.add_argument("--step", type=int, metavar="K",
-                   help="the step to draw (default: the median-duration step of the trace after warm-up)")  # fmt: skip
+    p.add_argument(
+        "--step",
+        type=int,
+        metavar="K",
+        help="the step to draw (default: the median-duration step of the trace after warm-up)",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the PNGs (created if missing)")
     return p
 

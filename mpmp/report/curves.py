@@ -33,8 +33,15 @@ def _resumptions(axes, metrics: Metrics):
     for i, (step, run_id) in enumerate(metrics.resumptions):
         for ax in axes:
             ax.axvline(step - 0.5, color="black", linestyle="--", linewidth=0.8)
-        axes[0].annotate(f"resumed\n({run_id})", (step - 0.5, 1), xycoords=("data", "axes fraction"),
-                         xytext=(3, -3 - 18 * (i % 2)), textcoords="offset points", fontsize=7, va="top")  # fmt: skip
+        axes[0].annotate(
+            f"resumed\n({run_id})",
+            (step - 0.5, 1),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, -3 - 18 * (i % 2)),
+            textcoords="offset points",
+            fontsize=7,
+            va="top",
+        )
 
 
 def draw(metrics: Metrics):

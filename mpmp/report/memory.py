@@ -11,8 +11,12 @@ from mpmp.report.files import MEMORY_KINDS, Metrics, Plan, ReportError, Trace, s
 from mpmp.report.steps import bytes_per_step, normal_key
 
 MIB = 2**20
-METRICS_MEMORY = {"params": "param_bytes", "grads": "grad_bytes", "optimizer": "optimizer_bytes",
-                  "activations": "activation_bytes"}  # fmt: skip
+METRICS_MEMORY = {
+    "params": "param_bytes",
+    "grads": "grad_bytes",
+    "optimizer": "optimizer_bytes",
+    "activations": "activation_bytes",
+}
 
 
 def measured_memory(metrics: Metrics, trace: Trace | None) -> list:
@@ -36,8 +40,16 @@ def _stack(ax, x: float, row: dict, width: float, hatch: str | None):
     bottom = 0.0
     for kind in MEMORY_KINDS:
         value = row[kind] / MIB if row[kind] == row[kind] else 0.0
-        ax.bar(x, value, width, bottom=bottom, color=figure.MEMORY_COLORS[kind], hatch=hatch,
-               edgecolor="black", linewidth=0.3)  # fmt: skip
+        ax.bar(
+            x,
+            value,
+            width,
+            bottom=bottom,
+            color=figure.MEMORY_COLORS[kind],
+            hatch=hatch,
+            edgecolor="black",
+            linewidth=0.3,
+        )
         bottom += value
 
 
@@ -67,8 +79,9 @@ def _draw_bytes(ax, measured: dict, predicted: dict | None):
     if any(v > 0 for v in measured.values()) or any(v > 0 for v in (predicted or {}).values()):
         ax.set_yscale("log")
     ax.set_ylabel("MiB per step, all ranks")
-    ax.set_title("bytes per group and operation" + (" (left measured, right plan, hatched)" if predicted else ""),
-                 fontsize=9)  # fmt: skip
+    ax.set_title(
+        "bytes per group and operation" + (" (left measured, right plan, hatched)" if predicted else ""), fontsize=9
+    )
     ax.grid(axis="y", linewidth=0.3, alpha=0.5)
 
 

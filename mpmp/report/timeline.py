@@ -59,11 +59,18 @@ def _draw_compute(ax, r: int, spans: list, t0: float, min_label_ms: float):
         kind = compute_kind(s.name)
         x, w = (s.start - t0) / 1e3, s.dur / 1e3
         if kind == "recompute":  # nested inside its backward: a hatched band in the middle
-            ax.broken_barh([(x, w)], (r + off + height / 4, height / 2), facecolors=figure.COMPUTE_COLORS[kind],
-                           hatch="////", edgecolor="white", linewidth=0)  # fmt: skip
+            ax.broken_barh(
+                [(x, w)],
+                (r + off + height / 4, height / 2),
+                facecolors=figure.COMPUTE_COLORS[kind],
+                hatch="////",
+                edgecolor="white",
+                linewidth=0,
+            )
             continue
-        ax.broken_barh([(x, w)], (r + off, height), facecolors=figure.COMPUTE_COLORS[kind],
-                       edgecolor="black", linewidth=0.3)  # fmt: skip
+        ax.broken_barh(
+            [(x, w)], (r + off, height), facecolors=figure.COMPUTE_COLORS[kind], edgecolor="black", linewidth=0.3
+        )
         if kind != "optimizer" and w >= min_label_ms * len(s.name):
             ax.text(x + w / 2, r + off + height / 2, s.name, ha="center", va="center", fontsize=7)
 

@@ -47,8 +47,20 @@ def gemm_flops(n=8192, reps=10) -> float:
 
 
 def bench(fmt, batch, out, timeout):
-    cmd = [sys.executable, "-m", "mpmp.bench", "train", "--backend", "cupy", "--dtype", fmt,
-           "--config", f"50304,768,12,12,1024,{batch}", "--json", os.path.join(out, f"bench_{fmt}.json")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "mpmp.bench",
+        "train",
+        "--backend",
+        "cupy",
+        "--dtype",
+        fmt,
+        "--config",
+        f"50304,768,12,12,1024,{batch}",
+        "--json",
+        os.path.join(out, f"bench_{fmt}.json"),
+    ]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)

@@ -177,9 +177,14 @@ def cross_entropy(fmt):
         start = r * v_local
         logits = cupy.ascontiguousarray(padded[:, start : start + v_local])
         loss, cache = CF.cross_entropy_forward(
-            logits, cupy.asarray(targets), 1.0 / n, vocab_start=start, vocab_valid=max(0, min(v_local, vocab - start)),
-            all_reduce_max=pair.all_reduce(r, numpy.maximum), all_reduce_sum=pair.all_reduce(r, numpy.add),
-        )  # fmt: skip
+            logits,
+            cupy.asarray(targets),
+            1.0 / n,
+            vocab_start=start,
+            vocab_valid=max(0, min(v_local, vocab - start)),
+            all_reduce_max=pair.all_reduce(r, numpy.maximum),
+            all_reduce_sum=pair.all_reduce(r, numpy.add),
+        )
         results[r] = (float(loss), get(CF.cross_entropy_backward(cache), fmt))
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
@@ -242,13 +247,21 @@ def optimizer():
     p, g, m, v = (randn(n).astype(numpy.float32) for _ in range(4))
     v = numpy.abs(v)
     ref = [a.astype(numpy.float64) for a in (p, m, v)]
-    np_adamw.adamw_update(ref[0], g.astype(numpy.float64), ref[1], ref[2], step=7, lr=3e-3, hp=HP, decay_runs=runs,
-                          grad_scale=0.5)  # fmt: skip
+    np_adamw.adamw_update(
+        ref[0], g.astype(numpy.float64), ref[1], ref[2], step=7, lr=3e-3, hp=HP, decay_runs=runs, grad_scale=0.5
+    )
     dp, dm, dv = (cupy.asarray(a) for a in (p, m, v))
     CO.adamw_update(
-        dp, cupy.asarray(g), dm, dv, step=7, lr=3e-3, hp=HP, decay_runs=runs,
+        dp,
+        cupy.asarray(g),
+        dm,
+        dv,
+        step=7,
+        lr=3e-3,
+        hp=HP,
+        decay_runs=runs,
         grad_scale=cupy.asarray([0.5], dtype=cupy.float32),
-    )  # fmt: skip
+    )
     for name, got, want in zip(("param", "m", "v"), (dp, dm, dv), ref):
         check(f"adamw_update {name}", "fp32", get(got), want, tol=1e-5)
     before = dp.copy()

@@ -20,8 +20,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 OPTIONS = ("--std=c++17",)
 
 # dtype.char -> the C++ storage type of a kernel instantiation
-CTYPES = {numpy.dtype(numpy.float32).char: "float", numpy.dtype(numpy.float16).char: "__half",
-          numpy.dtype(numpy.uint16).char: "__nv_bfloat16"}  # fmt: skip
+CTYPES = {
+    numpy.dtype(numpy.float32).char: "float",
+    numpy.dtype(numpy.float16).char: "__half",
+    numpy.dtype(numpy.uint16).char: "__nv_bfloat16",
+}
 STORAGE = ("float", "__half", "__nv_bfloat16")
 
 

@@ -276,8 +276,9 @@ def _identity(x):
     return x
 
 
-def cross_entropy_forward(logits, targets, scale, *, vocab_start=0, vocab_valid=None, all_reduce_max=_identity,
-                          all_reduce_sum=_identity):  # fmt: skip
+def cross_entropy_forward(
+    logits, targets, scale, *, vocab_start=0, vocab_valid=None, all_reduce_max=_identity, all_reduce_sum=_identity
+):
     """scale * sum over rows of -log softmax(logits)[target]; logits [N, V_local] are overwritten
     with exp(logits - max), as on the NumPy side. The two all-reduce callables combine the row max,
     then (target logit, sum of exponentials) stacked as one [2, N] float32 array, over the ranks that
@@ -297,9 +298,10 @@ def cross_entropy_forward(logits, targets, scale, *, vocab_start=0, vocab_valid=
     safe_t, own = cp.empty(n, dtype=cp.int32), cp.empty(n, dtype=cp.bool_)
     flat_t = cp.ascontiguousarray(targets.reshape(-1), dtype=cp.int64)
     L.kernel("cross_entropy.cu", "cross_entropy_exp_sum", t)(
-        (n,), (L.THREADS,),
+        (n,),
+        (L.THREADS,),
         (logits, both, safe_t, own, row_max, flat_t, L.i64(vocab_start), L.i32(n), L.i32(v_local), L.i32(valid)),
-    )  # fmt: skip
+    )
     both = all_reduce_sum(both)
     target_logit, sum_exp = both[0], both[1]
     per_row = cp.log(sum_exp) - target_logit

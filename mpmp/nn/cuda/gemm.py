@@ -99,12 +99,26 @@ def matmul(a, b, out=None, trans_a=False, trans_b=False, *, accumulate=False, ou
     b, trans_b = _row_major(b, trans_b)
     scale = numpy.full(1, alpha, numpy.float32)  # host pointers, read during the call
     cublas.gemmEx(
-        cupy.cuda.device.get_cublas_handle(), _OP[trans_b], _OP[trans_a], n, m, k,
-        scale.ctypes.data, b.data.ptr, _CUDA_R[ctype(b)], b.shape[-1],
-        a.data.ptr, _CUDA_R[ctype(a)], a.shape[-1],
-        (_ONE if accumulate else _ZERO).ctypes.data, c.data.ptr, _CUDA_R[ctype(c)], n,
-        _COMPUTE_32F, _GEMM_DEFAULT,
-    )  # fmt: skip
+        cupy.cuda.device.get_cublas_handle(),
+        _OP[trans_b],
+        _OP[trans_a],
+        n,
+        m,
+        k,
+        scale.ctypes.data,
+        b.data.ptr,
+        _CUDA_R[ctype(b)],
+        b.shape[-1],
+        a.data.ptr,
+        _CUDA_R[ctype(a)],
+        a.shape[-1],
+        (_ONE if accumulate else _ZERO).ctypes.data,
+        c.data.ptr,
+        _CUDA_R[ctype(c)],
+        n,
+        _COMPUTE_32F,
+        _GEMM_DEFAULT,
+    )
     return c
 
 
@@ -124,12 +138,28 @@ def batched_matmul(a, b, out=None, trans_a=False, trans_b=False, *, accumulate=F
     b, trans_b = _row_major(b, trans_b)
     scale = numpy.full(1, alpha, numpy.float32)
     cublas.gemmStridedBatchedEx(
-        cupy.cuda.device.get_cublas_handle(), _OP[trans_b], _OP[trans_a], n, m, k,
+        cupy.cuda.device.get_cublas_handle(),
+        _OP[trans_b],
+        _OP[trans_a],
+        n,
+        m,
+        k,
         scale.ctypes.data,
-        b.data.ptr, _CUDA_R[ctype(b)], b.shape[-1], b.shape[-1] * b.shape[-2],
-        a.data.ptr, _CUDA_R[ctype(a)], a.shape[-1], a.shape[-1] * a.shape[-2],
+        b.data.ptr,
+        _CUDA_R[ctype(b)],
+        b.shape[-1],
+        b.shape[-1] * b.shape[-2],
+        a.data.ptr,
+        _CUDA_R[ctype(a)],
+        a.shape[-1],
+        a.shape[-1] * a.shape[-2],
         (_ONE if accumulate else _ZERO).ctypes.data,
-        c.data.ptr, _CUDA_R[ctype(c)], n, m * n,
-        math.prod(lead), _COMPUTE_32F, _GEMM_DEFAULT,
-    )  # fmt: skip
+        c.data.ptr,
+        _CUDA_R[ctype(c)],
+        n,
+        m * n,
+        math.prod(lead),
+        _COMPUTE_32F,
+        _GEMM_DEFAULT,
+    )
     return c

@@ -47,8 +47,9 @@ def _check_flat(*arrays):
             raise TypeError(f"AdamW works on contiguous 1-D float32 buffers, not {a.dtype} {a.shape}")
 
 
-def adamw_update(param, grad, m, v, *, step: int, lr: float, hp: AdamWConfig, decay_runs=(), scratch=None,
-                 grad_scale=1.0, skip=None):  # fmt: skip
+def adamw_update(
+    param, grad, m, v, *, step: int, lr: float, hp: AdamWConfig, decay_runs=(), scratch=None, grad_scale=1.0, skip=None
+):
     """One AdamW step in place on flat fp32 arrays (step counts from 1), torch's order of operations:
     decay, m <- m + (1-b1)(g - m), v <- b2 v + (1-b2) g^2, p <- p - lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps),
     with g = grad * grad_scale. grad_scale: a number or a one-element float32 device array (e.g. a clip
@@ -61,11 +62,28 @@ def adamw_update(param, grad, m, v, *, step: int, lr: float, hp: AdamWConfig, de
     host_scale, scale_ptr = _scalar_args(grad_scale)
     n = param.size
     L.kernel("adamw.cu", "adamw_update")(
-        (L.blocks_for(n),), (L.THREADS,),
-        (param, grad, m, v, L.i64(n), runs, L.i32(n_runs),
-         L.f32(lr), L.f32(hp.beta1), L.f32(hp.beta2), L.f32(hp.eps), L.f32(hp.weight_decay),
-         L.f32(lr / bias1), L.f32(bias2_sqrt), host_scale, scale_ptr, L.NULL if skip is None else skip),
-    )  # fmt: skip
+        (L.blocks_for(n),),
+        (L.THREADS,),
+        (
+            param,
+            grad,
+            m,
+            v,
+            L.i64(n),
+            runs,
+            L.i32(n_runs),
+            L.f32(lr),
+            L.f32(hp.beta1),
+            L.f32(hp.beta2),
+            L.f32(hp.eps),
+            L.f32(hp.weight_decay),
+            L.f32(lr / bias1),
+            L.f32(bias2_sqrt),
+            host_scale,
+            scale_ptr,
+            L.NULL if skip is None else skip,
+        ),
+    )
 
 
 def unscale_and_check(grad, inv_scale, found_inf=None):
