@@ -240,8 +240,7 @@ def report(job: Job, every, gen) -> str:
     lines = [
         f"model: V {cfg.vocab}, S {cfg.seq_len}, D {cfg.d_model}, L {cfg.layers}, H {cfg.heads}; "
         f"layout: tp {job.tp} x pp {job.pp} x dp {job.dp}",
-        f"KV cache: {kv[0] / 2**20:.2f} MiB on rank 0 (2·L_local·B·H_local·T·hd·4 bytes), "
-        f"{sum(kv) / 2**20:.2f} MiB on all {len(kv)} ranks",
+        f"KV cache: {kv[0]:,} bytes on rank 0 (2·L_local·B·H_local·T·hd·4), {sum(kv):,} bytes on all {len(kv)} ranks",
     ]
     times = gen.token_times
     if times:

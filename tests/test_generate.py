@@ -130,6 +130,7 @@ def test_prompts_of_one_length_share_a_micro_batch_split_to_fill_the_pipeline():
     assert plan_micro_batches([4, 3, 4, 2, 3], 1) == [[0, 2], [1, 4], [3]]
     assert plan_micro_batches([5] * 8, 2) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert plan_micro_batches([5] * 3, 4) == [[0], [1], [2]]
+    assert plan_micro_batches([], 2) == []  # a data-parallel replica left without prompts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,6 +399,51 @@ def test_generate_streams_a_single_prompt_from_an_interchange_file(tmp_path):
 def test_generate_refuses_bad_input_with_one_line(hf_files, flags, needle):
     flags = flags if "--tokenizer" in flags else ["--tokenizer", hf_files["tokenizer"], *flags]
     assert_one_clear_error(run("mpmp.generate", "--init-from", hf_files["model"], *flags), needle)
+
+
+def test_generate_from_a_checkpoint_folder_equals_generating_from_its_export(hf_files, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    proc = run("mpmp.train", *TRAIN, "--init-from", hf_files["model"], "--save", ckpt)
+    assert proc.returncode == 0, proc.stderr
+    assert run("mpmp.checkpoint", "export", ckpt, tmp_path / "m.npz").returncode == 0
+    outs = []
+    for source in (ckpt, tmp_path / "m.npz"):
+        out = tmp_path / f"{source.name}.jsonl"
+        flags = ["--tokenizer", hf_files["tokenizer"], "--prompt", "the dog", "--max-new-tokens", 8, "--output", out]
+        proc = run("mpmp.generate", "--init-from", source, *flags, "--quiet")  # heads: the manifest's, 4
+        assert proc.returncode == 0, proc.stderr
+        outs.append(out.read_text())
+    assert outs[0] == outs[1]
+
+
+def _mpirun():
+    import shutil
+
+    return shutil.which("mpirun") or shutil.which("mpiexec")
+
+
+@pytest.mark.skipif(_mpirun() is None, reason="no mpirun")
+@pytest.mark.parametrize("layout", [("2", "2"), ("1", "2")], ids=["tp2-pp2", "pp2-dp2"])
+def test_generate_under_mpirun_writes_what_one_process_writes(hf_files, tmp_path, layout):
+    prompts = ["--prompt", "the fox", "--prompt", "the lazy dog", "--prompt-tokens", "5,6,7"]
+    if layout == ("1", "2"):
+        prompts = prompts[:2]  # one prompt for two data-parallel replicas: the second has none
+    common = ["--init-from", hf_files["model"], "--tokenizer", hf_files["tokenizer"], *prompts, "--quiet"]
+    common += ["--max-new-tokens", "8", "--temperature", "0.8", "--top-k", "20", "--seed", "3"]
+    one = run("mpmp.generate", *common, "--output", tmp_path / "one.jsonl")
+    assert one.returncode == 0, one.stderr
+    four = subprocess.run(
+        [_mpirun(), "-n", "4", sys.executable, "-m", "mpmp.generate", *map(str, common)]
+        + ["--tp", layout[0], "--pp", layout[1], "--output", str(tmp_path / "four.jsonl")],
+        cwd=ROOT,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert four.returncode == 0, four.stderr
+    assert (tmp_path / "four.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
+    assert four.stdout == one.stdout
 
 
 def test_generate_refuses_heads_that_do_not_divide_the_model(tmp_path):

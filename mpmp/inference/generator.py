@@ -53,7 +53,7 @@ def plan_micro_batches(lengths, target: int) -> list[list[int]]:
     for i, n in enumerate(lengths):
         groups.setdefault(n, []).append(i)
     out = list(groups.values())
-    while len(out) < target:
+    while out and len(out) < target:  # a replica may have no prompts (fewer prompts than dp)
         big = max(range(len(out)), key=lambda j: len(out[j]))
         if len(out[big]) < 2:
             break
