@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy
@@ -28,6 +29,7 @@ from mpmp.inference.generator import Generator, inference_model, plan_micro_batc
 from mpmp.inference.kv_cache import KVCache, kv_cache_bytes
 from mpmp.model.gpt import GPT, MicroBatch
 from mpmp.nn import functional as F
+from mpmp.nn.layers import Block
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = ModelConfig(vocab=37, seq_len=32, d_model=32, layers=3, heads=4)  # V not divisible by tp 2
@@ -530,7 +532,8 @@ LAYOUTS = [(2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 2, 2)]
 
 
 def distributed(comm, layout, w, sampling):
-    """(the layout's tokens for PROMPTS as rank 0 assembles them, this rank's Generator)."""
+    """(the layout's tokens for PROMPTS in prompt order, this rank's Generator, its grid, its replica's
+    prompts)."""
     from mpmp.comm.grid import ProcessGrid
     from mpmp.comm.group import block_sizes
 
@@ -542,7 +545,13 @@ def distributed(comm, layout, w, sampling):
     new = gen.generate(PROMPTS[first : first + share[grid.coord.dp]], first_index=first, max_new_tokens=NEW)
     holds = gen.chunk.is_first and grid.coord.tp == 0
     every = comm.allgather(new if holds else None)
-    return [row for part in every if part is not None for row in part], gen, grid
+    mine = PROMPTS[first : first + share[grid.coord.dp]]
+    return [row for part in every if part is not None for row in part], gen, grid, mine
+
+
+def micro_batches(prompts, pp):
+    """(sequences, prompt length) of each micro-batch: prompts of one length together, pp of them."""
+    return [(len(g), len(prompts[g[0]])) for g in plan_micro_batches([len(p) for p in prompts], pp)]
 
 
 @pytest.mark.mpi(min_size=2)
@@ -552,14 +561,15 @@ def test_generation_on_a_layout_equals_recomputation_on_one_process(comm_of, lay
     if comm is None:
         return
     w = varied_weights()
-    got, gen, grid = distributed(comm, layout, w, S.Sampling())
+    got, gen, grid, mine = distributed(comm, layout, w, S.Sampling())
     assert got == recompute_greedy(w, PROMPTS)
     # this rank's cache: its stage's blocks, its tp share of the heads, per micro-batch
-    layers = len(KVCache.for_chunk(gen.chunk, batch=1, capacity=1, heads=1, head_dim=1).names)
+    layers = sum(isinstance(m, Block) for m in gen.chunk.modules)
+    assert 0 < layers < CFG.layers or grid.pp == 1
     hd, heads = CFG.head_dim, CFG.heads // grid.tp
     want = sum(
-        kv_cache_bytes(layers=layers, batch=len(b.prompts), heads=heads, capacity=b.prompt_len + NEW - 1, head_dim=hd)
-        for b in gen._batches
+        kv_cache_bytes(layers=layers, batch=b, heads=heads, capacity=n + NEW - 1, head_dim=hd)
+        for b, n in micro_batches(mine, grid.pp)
     )
     assert gen.kv_bytes == want
 
@@ -571,7 +581,7 @@ def test_seeded_sampling_gives_the_same_tokens_on_every_layout(comm_of, layout):
     if comm is None:
         return
     w = varied_weights()
-    got, _, _ = distributed(comm, layout, w, SAMPLED)
+    got, *_ = distributed(comm, layout, w, SAMPLED)
     assert got == one_process(w, sampling=SAMPLED)
 
 
@@ -583,12 +593,12 @@ def test_vocab_parallel_greedy_moves_only_each_ranks_best(comm_of):
     previous = ledger.get()
     led = ledger.install(ledger.Ledger(comm.Get_rank(), keep_events=True))
     try:
-        _, gen, grid = distributed(comm, (2, 1, 1), varied_weights(), S.Sampling())
+        *_, mine = distributed(comm, (2, 1, 1), varied_weights(), S.Sampling())
     finally:
         ledger.install(previous)
     sample = [e for e in led.events if e.label == "sample"]
     # per step and micro-batch one all-gather of (value, index) per row, float64, from both ranks
-    want = [2 * len(b.prompts) * 2 * 8 for _ in range(NEW) for b in gen._batches]
+    want = [2 * b * 2 * 8 for _ in range(NEW) for b, _ in micro_batches(mine, 1)]
     assert [(e.kind, e.group) for e in sample] == [("all_gather", "tp")] * len(want)
     assert [e.nbytes for e in sample] == want
 
@@ -610,3 +620,42 @@ def test_split_vocabulary_keeps_what_one_rank_keeps(comm_of, top_k, top_p):
         S._mask_below(x, S._top_p_threshold(x, top_p, group))
     kept = numpy.concatenate(comm.allgather(numpy.isfinite(x)), axis=1)
     assert numpy.array_equal(kept, hf_keep(logits, top_k, top_p))
+
+
+class SlowChunk:
+    """A model chunk whose every forward also sleeps `seconds`: stage costs that other jobs on the
+    cores cannot stretch, so the overlap of stages shows in wall-clock time."""
+
+    def __init__(self, chunk, seconds):
+        self._chunk, self.seconds = chunk, seconds
+
+    def __getattr__(self, name):
+        return getattr(self._chunk, name)
+
+    def forward_kv(self, x, kv):
+        time.sleep(self.seconds)
+        return self._chunk.forward_kv(x, kv)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_pipeline_stages_work_at_once_on_several_micro_batches(comm_of):
+    from mpmp.comm.grid import ProcessGrid
+
+    comm = comm_of(2)
+    if comm is None:
+        return
+    grid = ProcessGrid(1, 2, 1, comm=comm)
+    w, unit, steps = varied_weights(), 0.03, 6
+    elapsed = {}
+    for m in (1, 2):  # the same 4 prompts in one micro-batch (stages take turns) or two (they overlap)
+        gen = Generator(inference_model(CFG, w.__getitem__, grid), grid, micro_batches=m)
+        gen.chunk = SlowChunk(gen.chunk, unit / m)  # the same stage cost per step either way
+        comm.Barrier()
+        start = time.perf_counter()
+        gen.generate([[1, 2, 3]] * 4, max_new_tokens=steps)
+        comm.Barrier()
+        elapsed[m] = time.perf_counter() - start
+    # one micro-batch: 2 stages x `unit` per step, one after the other; two: the stages work at once,
+    # each step costing about one `unit` plus half a unit while the pipeline fills
+    assert elapsed[1] > 2 * steps * unit
+    assert elapsed[2] < 0.8 * elapsed[1], elapsed

@@ -126,7 +126,7 @@ def parse_args(argv):
     p.add_argument("--context", type=int, default=512, help="prefill and cache-vs-recompute context")
     p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens of the decode measurements")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt")
-    p.add_argument("--recompute-steps", type=int, default=4, help="decode steps timed at --context tokens")
+    p.add_argument("--recompute-steps", type=int, default=8, help="decode steps timed at --context tokens")
     p.add_argument("--repeat", type=int, default=2, help="prefill measurements (the fastest counts)")
     p.add_argument("--json", default=None, help="also write the results here")
     return p.parse_args(argv)
