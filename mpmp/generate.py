@@ -61,11 +61,13 @@ def build_parser():
     m.add_argument(
         "--init-from",
         required=True,
+        metavar="SOURCE",
         help="an interchange .npz, an mpmp checkpoint folder, or a Hugging Face GPT-2 model.safetensors",
     )
     m.add_argument(
         "--heads",
         type=pi,
+        metavar="H",
         default=None,
         help="attention heads (default: n_head of a config.json beside the safetensors, the checkpoint's, else 4)",
     )
@@ -74,7 +76,12 @@ def build_parser():
     t.add_argument(
         "--prompt-tokens", dest="prompts", action="append", type=_prompt_tokens, metavar="1,2,3", help="token ids"
     )
-    t.add_argument("--tokenizer", default=None, help="a Hugging Face tokenizer.json (default: bytes, vocabulary 256)")
+    t.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="PATH",
+        help="a Hugging Face tokenizer.json (default: bytes, vocabulary 256)",
+    )
     s = p.add_argument_group("decoding")
     s.add_argument("--max-new-tokens", type=pi, default=32, help="tokens to generate per prompt")
     s.add_argument("--temperature", type=nf, default=0.0, help="0 = greedy; else sample from softmax(logits/T)")
@@ -88,7 +95,7 @@ def build_parser():
     o.add_argument("--micro-batches", type=pi, default=None, help="micro-batches per replica (default: pp)")
     o.add_argument("--backend", default="numpy", help="array backend: numpy or cupy")
     f = p.add_argument_group("output")
-    f.add_argument("--output", default=None, help="write one JSON line per prompt, in order")
+    f.add_argument("--output", default=None, metavar="FILE.jsonl", help="write one JSON line per prompt, in order")
     f.add_argument("--quiet", action="store_true", help="no layout, timing or communication lines on stderr")
     f.add_argument(
         "--comm-timeout", type=nf, default=600.0, help="seconds an operation may wait before the job aborts (0 = off)"
