@@ -100,6 +100,8 @@ class Generator:
         """prompts: this replica's prompts (lists of token ids), global indices first_index, ...
         Returns each prompt's new tokens on the first and last stages (empty lists elsewhere).
         on_token(prompt_index, token) is called on the first stage as each token arrives."""
+        if max_new_tokens < 1:  # the first stage would wait for tokens nobody sends
+            raise ValueError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
         groups = plan_micro_batches([len(p) for p in prompts], self.target)
         self._batches = [self._batch(prompts, g, first_index, max_new_tokens) for g in groups]
         self.kv_bytes = sum(b.kv.nbytes for b in self._batches if b.kv is not None)
