@@ -17,6 +17,7 @@ from mpmp.comm.group import SelfGroup
 from mpmp.config import ModelConfig
 from mpmp.nn import layers as L
 from mpmp.nn import parallel as P
+from mpmp.nn.kernels import kernels
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class Embedding:
     def __init__(self, wte, wpe, group, sp):
         self.tok = P.VocabParallelEmbedding(wte, group, sp)
         self.wpe, self.group, self.sp = wpe, group, sp
+        self.F = kernels()
 
     def parameters(self):
         return [self.tok.weight, self.wpe]
@@ -116,18 +118,18 @@ class Embedding:
         ids = mb.inputs
         out, cache = self.tok.forward(ids)
         lo, hi = self._positions(ids.shape[1])
-        out += self.wpe.data[lo:hi]
+        # + wpe[lo:hi] for every sequence: a bias over the flattened [positions x D] of each one
+        b = out.shape[0]
+        out = self.F.bias_add_(out.reshape(b, -1), self.wpe.data[lo:hi].reshape(-1)).reshape(out.shape)
         return out, (cache, lo, hi)
 
     def backward(self, dy, cache, wgrad=None):
         tok_cache, lo, hi = cache
-        L.defer(wgrad, _add_rows, self.wpe.grad, lo, hi, dy)
+        # wpe[lo:hi]'s gradient is dy summed over the sequences: the bias gradient of the forward's view
+        rows = self.wpe.grad[lo:hi].reshape(-1)
+        L.defer(wgrad, self.F.bias_backward, dy.reshape(dy.shape[0], -1), rows)
         self.tok.backward(dy, tok_cache, wgrad)
         return None
-
-
-def _add_rows(grad, lo, hi, dy):
-    grad[lo:hi] += dy.sum(axis=0)
 
 
 class Head:
@@ -139,6 +141,7 @@ class Head:
         self.ln_f = ln_f
         self.lm = P.ColumnParallelLinear(wte, None, group, sp, transpose=True)
         self.group = group
+        self.F = kernels()
         v_local = wte.data.shape[0]
         self.vocab_start = group.rank * v_local
         self.vocab_valid = max(0, min(v_local, vocab - self.vocab_start))
@@ -152,15 +155,19 @@ class Head:
         del h
         b, s, v = logits.shape
         loss, c3 = P.vocab_parallel_cross_entropy(
-            logits.reshape(b * s, v), mb.targets, mb.loss_scale, self.group, self.vocab_start, self.vocab_valid
+            logits.reshape(b * s, v),
+            mb.targets,
+            mb.loss_scale,
+            self.group,
+            vocab_start=self.vocab_start,
+            vocab_valid=self.vocab_valid,
+            F=self.F,
         )
         return loss, (c1, c2, c3, (b, s, v))
 
     def backward(self, dy, cache, wgrad=None):
         c1, c2, c3, shape = cache
-        from mpmp.nn.functional import cross_entropy_backward
-
-        dlogits = cross_entropy_backward(c3).reshape(shape)
+        dlogits = self.F.cross_entropy_backward(c3).reshape(shape)
         dh = self.lm.backward(dlogits, c2, wgrad)
         return self.ln_f.backward(dh, c1, wgrad)
 
@@ -180,13 +187,13 @@ class Chunk:
 
     def forward(self, x, mb):
         """x: the previous chunk's activation (None on the first chunk). Returns (y, caches); y is the
-        loss (a float) on the last chunk."""
+        loss on the last chunk (a float; a 0-d device array on GPUs, summed there)."""
         led = ledger.get()
         caches = []
         for m in self.modules:
             with led.scope(m.name):
                 x, c = m.forward(x, mb)
-            if self.precision and not isinstance(x, float):
+            if self.precision and not isinstance(m, Head):
                 round_to(x, self.precision)
             caches.append(c)
         return x, caches
