@@ -51,6 +51,8 @@ class NCCLStandIn(Group):
     """The Group interface over MPI with NCCL's rules. comm: the mpi4py communicator of the members;
     device: the device this rank claims (default: its local rank on the node)."""
 
+    batched_p2p = True
+
     def __init__(self, comm, name: str, ranks=None, device=None, timeout=60.0, check_every=1):
         self.name, self.size, self.rank = name, comm.Get_size(), comm.Get_rank()
         self.ranks = tuple(ranks) if ranks is not None else tuple(range(self.size))

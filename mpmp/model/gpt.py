@@ -258,7 +258,8 @@ class GPT:
     ranges: [(start, end)] unit ranges of this rank's chunks, in execution order (one per virtual
     stage). group: the tp group (a SelfGroup for one process). sp: sequence parallelism.
     recompute: none | selective | full. dtype: float32 (float64 for finite-difference tests).
-    precision: None, or "bf16"/"fp16" for activations stored in that format between modules.
+    precision: None, or "bf16"/"fp16" for activations rounded to that format between modules (NumPy's
+    emulation; on a GPU the arrays are held in the format and precision stays None).
     """
 
     def __init__(
@@ -305,10 +306,18 @@ class GPT:
             p.grad[...] = 0
 
     def local_state(self) -> dict:
-        """{interchange name: this rank's shard} as host arrays."""
-        from mpmp.backend import to_numpy
+        """{interchange name: this rank's shard} as host arrays; parameters held in 16 bits on a GPU
+        come out as float32 (the interchange format's type)."""
+        from mpmp.backend import is_device_array, to_numpy
 
-        return {p.name: to_numpy(p.data) for p in self.parameters()}
+        def host(a):
+            if is_device_array(a) and a.dtype != numpy.float32:
+                from mpmp.nn.cuda.elementwise import cast
+
+                a = cast(a, numpy.float32)
+            return to_numpy(a)
+
+        return {p.name: host(p.data) for p in self.parameters()}
 
 
 def _unique(params):
