@@ -307,9 +307,10 @@ def _native16(x, op):
     """(uint16 view, "bf16" or "fp16") for an array held in a 16-bit format (uint16 = bf16 patterns,
     float16 = fp16), else None. The average is refused there: it would divide in place in the
     storage type."""
-    if x.dtype == _UINT16:
+    dtype = getattr(x, "dtype", None)  # not an array: the transport says what it takes
+    if dtype == _UINT16:
         fmt = "bf16"
-    elif x.dtype == _FLOAT16:
+    elif dtype == _FLOAT16:
         fmt = "fp16"
     else:
         return None
