@@ -43,6 +43,11 @@ def use(name: str, local_rank: int = 0):
     return _xp
 
 
+def device_count() -> int:
+    """CUDA devices this process sees (0 on the numpy backend)."""
+    return _xp.cuda.runtime.getDeviceCount() if _name == "cupy" else 0
+
+
 def xp():
     """The array module selected for this process."""
     return _xp

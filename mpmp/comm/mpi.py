@@ -130,7 +130,12 @@ class _Staged:
     def back(self):
         if self.raw is not None:
             if self.writes:
+                import cupy
+
                 self.array.set(self.buf)
+                # a copy from pinned memory may run after set() returns: let it finish before the
+                # buffer can be handed to the next operation
+                cupy.cuda.get_current_stream().synchronize()
             pinned.give(self.raw)
             self.raw = None
 
