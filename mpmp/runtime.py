@@ -218,12 +218,12 @@ class Trainer:
         the loss sum, the stop flag, the overflow flag and the squared norm come to the host in one
         transfer. Returns (Update, loss still scaled, stop)."""
         xp, s = backend.xp(), self.scaler.scale
+        dynamic = isinstance(self.scaler, DynamicLossScaler)  # fp16: a non-finite norm vetoes the update
         with ledger.get().span("optimizer"):
             sq = self.optimizer.device_sq_norm()
-            # fp16 only, as DynamicLossScaler.overflowed: a non-finite norm vetoes the update
-            overflow = ~xp.isfinite(sq) if isinstance(self.scaler, DynamicLossScaler) else xp.zeros(1, bool)
+            overflow = ~xp.isfinite(sq) if dynamic else xp.zeros(1, dtype=bool)
             lr = self.lr_at(step)
-            skip = overflow.astype(xp.int32) if isinstance(self.scaler, DynamicLossScaler) else None
+            skip = overflow.astype(xp.int32) if dynamic else None
             self.optimizer.step(lr, _device_grad_scale(sq, s, self.cfg.clip), skip=skip)
         totals = self._device_totals(local_loss, stop_requested)
         loss, stop, skipped, sq = (float(v) for v in backend.to_host(xp.concatenate([totals, overflow, sq])))

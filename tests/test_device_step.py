@@ -119,10 +119,11 @@ def test_fp16_overflow_is_vetoed_on_the_device(device):
 
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("cuda_aware", [False, True], ids=["pinned", "cuda-aware"])
-@pytest.mark.parametrize("tp,pp,dtype", [(2, 1, "fp32"), (1, 2, "fp32"), (2, 1, "bf16"), (1, 2, "fp16")])
-def test_two_ranks_through_mpi_on_the_device_equal_one_process(comm_of, device, monkeypatch, tp, pp, dtype, cuda_aware):
+@pytest.mark.parametrize("layout", [(2, 1, "fp32"), (1, 2, "fp32"), (2, 1, "bf16"), (1, 2, "fp16")], ids=str)
+def test_two_ranks_through_mpi_on_the_device_equal_one_process(comm_of, device, monkeypatch, layout, cuda_aware):
     from mpmp.comm import mpi
 
+    tp, pp, dtype = layout
     comm = comm_of(2)
     if comm is None:
         return

@@ -32,13 +32,13 @@ def cases():
 
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize(
-    "world,tp,pp,dp,schedule,m,zero",
-    [pytest.param(*c, id=f"n{c[0]}-tp{c[1]}-pp{c[2]}-dp{c[3]}-{c[4]}-m{c[5]}-zero{c[6]}") for c in cases()],
+    "case", [pytest.param(c, id=f"n{c[0]}-tp{c[1]}-pp{c[2]}-dp{c[3]}-{c[4]}-m{c[5]}-zero{c[6]}") for c in cases()]
 )
-def test_layout_on_nccl_rules_trains_like_one_process(comm_of, world, tp, pp, dp, schedule, m, zero):
+def test_layout_on_nccl_rules_trains_like_one_process(comm_of, case):
     from mpmp.comm.grid import ProcessGrid
     from mpmp.runtime import Trainer
 
+    world, tp, pp, dp, schedule, m, zero = case
     comm = comm_of(world)
     if comm is None:
         return

@@ -70,7 +70,7 @@ part "(a) kernels vs NumPy float64" 90 "$PY" tests/gpu/check_kernels.py --json "
 part "(d) one-rank NCCL" 40 "$PY" tests/gpu/check_nccl.py --json "$OUT_DIR/nccl.json"
 part "(b)+(c) training vs NumPy, 2 ranks via MPI" 130 "$PY" tests/gpu/check_train.py --out "$WORK/train"
 cp "$WORK/train/train.json" "$OUT_DIR/" 2>/dev/null
-part "(e) 124M throughput, bf16 and fp16" 130 "$PY" tests/gpu/check_bench.py --out "$WORK/bench" --timeout 60
+part "(e) 124M throughput, bf16 and fp16" 110 "$PY" tests/gpu/check_bench.py --out "$WORK/bench" --timeout 50
 cp "$WORK/bench/bench.json" "$OUT_DIR/" 2>/dev/null
 
 grep -h -E "^(FAIL|kernels:|nccl:|train:|bench:)" "$OUT_DIR/log.txt" | grep -v "^FAIL (exit" | head -40 >>"$SUMMARY"
