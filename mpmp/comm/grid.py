@@ -9,7 +9,8 @@ Groups: tp (same dp, pp), dp (same tp, pp), pp (same tp, dp; group rank = stage)
 dp: the model-parallel group that holds one whole replica), embed (first and last stage of a
 pipeline: the tied embedding's gradient is summed there), world. Pipeline neighbours are computed
 here once. Under mixed precision the grid's tp and pp groups carry activations as 16-bit patterns
-(`wire`); every other group keeps fp32.
+(`wire`); every other group keeps fp32. `transport` says what carries every group but the world
+(comm/factory.py: MPI, NCCL, or NCCL's rules over MPI); the world stays MPI.
 """
 
 from dataclasses import dataclass
@@ -56,9 +57,12 @@ def layout_ranks(tp: int, pp: int, dp: int):
 
 
 class ProcessGrid:
-    def __init__(self, tp: int = 1, pp: int = 1, dp: int | None = None, comm=None, wire: str | None = None):
+    def __init__(
+        self, tp: int = 1, pp: int = 1, dp: int | None = None, comm=None, wire: str | None = None, transport="mpi"
+    ):
         """Build every group from comm (default MPI.COMM_WORLD). Validates before any collective.
-        wire: "bf16" or "fp16" for mixed precision's 16-bit activation traffic (tp and pp groups)."""
+        wire: "bf16" or "fp16" for mixed precision's 16-bit activation traffic (tp and pp groups).
+        transport: "mpi", "nccl" or "nccl-standin" for every group but the world."""
         if comm is None:
             from mpmp.comm.mpi import MPI
 
@@ -70,18 +74,21 @@ class ProcessGrid:
         self.coord = coord_of(self.rank, tp, self.dp)
         self.comm = comm
         self.wire = wire
+        self.transport = transport
         self._build(comm)
         self.tp_group.wire = self.pp_group.wire = wire
 
     def _build(self, comm):
+        from mpmp.comm.factory import group_class
         from mpmp.comm.mpi import MPIGroup
 
         c, tp, pp, dp = self.coord, self.tp, self.pp, self.dp
+        make = group_class(self.transport)
 
         def split(name, color, key, members):
-            # Every rank takes part in every Split, in the same order: no deadlock.
+            # Every rank takes part in every Split, and builds its groups, in the same order: no deadlock.
             sub = comm.Split(color, key)
-            return MPIGroup(sub, name, members)
+            return make(sub, name, members)
 
         self.world = MPIGroup(comm, "world")
         self.tp_group = split("tp", c.dp + dp * c.pp, c.tp, self.members(dp=c.dp, pp=c.pp))
@@ -93,7 +100,7 @@ class ProcessGrid:
         embed = comm.Split(c.tp + tp * c.dp if on_edge else MPI_UNDEFINED(), c.pp)
         if on_edge and pp > 1:
             ranks = [world_rank(Coord(c.dp, p, c.tp), tp, dp) for p in (0, pp - 1)]
-            self.embed_group = MPIGroup(embed, "embed", ranks)
+            self.embed_group = make(embed, "embed", ranks)
         else:
             self.embed_group = SelfGroup("embed", self.rank)
 
@@ -144,6 +151,7 @@ class LocalGrid:
 
     def __init__(self, wire: str | None = None):
         self.wire = wire  # nothing crosses a process boundary: kept for the trainer's check
+        self.transport = "none"
         self.tp = self.pp = self.dp = 1
         self.world_size, self.rank = 1, 0
         self.coord = Coord(0, 0, 0)

@@ -17,6 +17,7 @@ from mpmp.comm.group import SelfGroup
 from mpmp.config import ModelConfig
 from mpmp.nn import layers as L
 from mpmp.nn import parallel as P
+from mpmp.nn.kernels import kernels
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class Embedding:
     def __init__(self, wte, wpe, group, sp):
         self.tok = P.VocabParallelEmbedding(wte, group, sp)
         self.wpe, self.group, self.sp = wpe, group, sp
+        self.F = kernels()
 
     def parameters(self):
         return [self.tok.weight, self.wpe]
@@ -116,24 +118,24 @@ class Embedding:
         ids = mb.inputs
         out, cache = self.tok.forward(ids)
         lo, hi = self._positions(ids.shape[1])
-        out += self.wpe.data[lo:hi]
+        # + wpe[lo:hi] for every sequence: a bias over the flattened [positions x D] of each one
+        b = out.shape[0]
+        out = self.F.bias_add_(out.reshape(b, -1), self.wpe.data[lo:hi].reshape(-1)).reshape(out.shape)
         return out, (cache, lo, hi)
 
     def forward_kv(self, ids, kv):
         """Generation: ids [B, t] are the next t tokens, at positions kv.length ... kv.length + t - 1."""
         out, _ = self.tok.forward(ids)
-        out += self.wpe.data[kv.length : kv.length + ids.shape[1]]
-        return out
+        positions = self.wpe.data[kv.length : kv.length + ids.shape[1]].reshape(-1)
+        return self.F.bias_add_(out.reshape(out.shape[0], -1), positions).reshape(out.shape)
 
     def backward(self, dy, cache, wgrad=None):
         tok_cache, lo, hi = cache
-        L.defer(wgrad, _add_rows, self.wpe.grad, lo, hi, dy)
+        # wpe[lo:hi]'s gradient is dy summed over the sequences: the bias gradient of the forward's view
+        rows = self.wpe.grad[lo:hi].reshape(-1)
+        L.defer(wgrad, self.F.bias_backward, dy.reshape(dy.shape[0], -1), rows)
         self.tok.backward(dy, tok_cache, wgrad)
         return None
-
-
-def _add_rows(grad, lo, hi, dy):
-    grad[lo:hi] += dy.sum(axis=0)
 
 
 class Head:
@@ -145,6 +147,7 @@ class Head:
         self.ln_f = ln_f
         self.lm = P.ColumnParallelLinear(wte, None, group, sp, transpose=True)
         self.group = group
+        self.F = kernels()
         v_local = wte.data.shape[0]
         self.vocab_start = group.rank * v_local
         self.vocab_valid = max(0, min(v_local, vocab - self.vocab_start))
@@ -158,7 +161,13 @@ class Head:
         del h
         b, s, v = logits.shape
         loss, c3 = P.vocab_parallel_cross_entropy(
-            logits.reshape(b * s, v), mb.targets, mb.loss_scale, self.group, self.vocab_start, self.vocab_valid
+            logits.reshape(b * s, v),
+            mb.targets,
+            mb.loss_scale,
+            self.group,
+            vocab_start=self.vocab_start,
+            vocab_valid=self.vocab_valid,
+            F=self.F,
         )
         return loss, (c1, c2, c3, (b, s, v))
 
@@ -174,9 +183,7 @@ class Head:
 
     def backward(self, dy, cache, wgrad=None):
         c1, c2, c3, shape = cache
-        from mpmp.nn.functional import cross_entropy_backward
-
-        dlogits = cross_entropy_backward(c3).reshape(shape)
+        dlogits = self.F.cross_entropy_backward(c3).reshape(shape)
         dh = self.lm.backward(dlogits, c2, wgrad)
         return self.ln_f.backward(dh, c1, wgrad)
 
@@ -196,13 +203,13 @@ class Chunk:
 
     def forward(self, x, mb):
         """x: the previous chunk's activation (None on the first chunk). Returns (y, caches); y is the
-        loss (a float) on the last chunk."""
+        loss on the last chunk (a float; a 0-d device array on GPUs, summed there)."""
         led = ledger.get()
         caches = []
         for m in self.modules:
             with led.scope(m.name):
                 x, c = m.forward(x, mb)
-            if self.precision and not isinstance(x, float):
+            if self.precision and not isinstance(m, Head):
                 round_to(x, self.precision)
             caches.append(c)
         return x, caches
@@ -279,7 +286,8 @@ class GPT:
     ranges: [(start, end)] unit ranges of this rank's chunks, in execution order (one per virtual
     stage). group: the tp group (a SelfGroup for one process). sp: sequence parallelism.
     recompute: none | selective | full. dtype: float32 (float64 for finite-difference tests).
-    precision: None, or "bf16"/"fp16" for activations stored in that format between modules.
+    precision: None, or "bf16"/"fp16" for activations rounded to that format between modules (NumPy's
+    emulation; on a GPU the arrays are held in the format and precision stays None).
     """
 
     def __init__(
@@ -326,10 +334,18 @@ class GPT:
             p.grad[...] = 0
 
     def local_state(self) -> dict:
-        """{interchange name: this rank's shard} as host arrays."""
-        from mpmp.backend import to_numpy
+        """{interchange name: this rank's shard} as host arrays; parameters held in 16 bits on a GPU
+        come out as float32 (the interchange format's type)."""
+        from mpmp.backend import is_device_array, to_numpy
 
-        return {p.name: to_numpy(p.data) for p in self.parameters()}
+        def host(a):
+            if is_device_array(a) and a.dtype != numpy.float32:
+                from mpmp.nn.cuda.elementwise import cast
+
+                a = cast(a, numpy.float32)
+            return to_numpy(a)
+
+        return {p.name: host(p.data) for p in self.parameters()}
 
 
 def _unique(params):
