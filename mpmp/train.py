@@ -640,19 +640,14 @@ def main(argv=None) -> int:
     # The run watches its numbers itself (a non-finite loss or gradient stops it with one line):
     # NumPy's per-kernel warnings would only repeat that, once per rank.
     numpy.seterr(over="ignore", invalid="ignore", divide="ignore")
-    interrupts = mpi_launched() and args.preempt_signal != signal.SIGINT
-    if interrupts:
-        from mpmp.comm.mpi import block_interrupts
-
-        block_interrupts()  # before MPI starts, so that no thread MPI starts takes SIGINT either
     # First of all, so a preemption signal during start-up (a long checkpoint load after a requeue)
     # is remembered instead of killing the rank.
     preempt = _install_preempt_handler(args.preempt_signal)
     run = Run(args, argv, preempt)
-    if interrupts:
+    if mpi_launched() and args.preempt_signal != signal.SIGINT:
         from mpmp.comm.mpi import report_interrupts
 
-        report_interrupts(run.rank)
+        run.interrupts = report_interrupts(run.rank)
     if run.world_size > 1:
         from mpmp.comm.mpi import abort_on_exception
 

@@ -215,21 +215,27 @@ def interrupted_line(rank: int) -> str:
     return f"rank {rank}: interrupted by SIGINT; stopped without saving a checkpoint (exit code {EXIT_INTERRUPTED})"
 
 
-def block_interrupts():
-    """Keep SIGINT from this thread and from every thread started after it (MPI's too), for the
-    thread of report_interrupts to take. Call before MPI is initialised."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-
-
 def report_interrupts(rank: int):
     """On SIGINT, this rank prints one line (no KeyboardInterrupt traceback) and the job ends with
-    EXIT_INTERRUPTED. A thread waits for the signal: Python runs signal handlers in the main thread
-    only between bytecodes, never while it is blocked inside an MPI call, so a rank waiting in a
-    collective for a peer would otherwise say nothing until the abort kills it."""
+    EXIT_INTERRUPTED. Call from the main thread.
+
+    Python runs signal handlers in the main thread only, between bytecodes: never while it is blocked
+    inside an MPI call, so a rank waiting in a collective for a peer would say nothing until an abort
+    killed it. But the C-level handler, whichever thread the signal reaches (BLAS's threads too),
+    writes the signal's number to the wakeup fd: a thread reading that fd reports and aborts. The
+    Python-level handler itself does nothing."""
+    import socket
+
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    signal.signal(signal.SIGINT, lambda *_: None)
+    signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
 
     def wait():
-        signal.sigwait({signal.SIGINT})
+        while reader.recv(1) != bytes([signal.SIGINT]):
+            pass  # another signal with a Python handler (the preemption signal): the main thread's
         sys.stderr.write(interrupted_line(rank) + "\n")
         abort_world(EXIT_INTERRUPTED)
 
     threading.Thread(target=wait, name="mpmp-sigint", daemon=True).start()
+    return reader, writer  # keep both ends open for the life of the process
