@@ -12,6 +12,9 @@ import os
 # environment: the one list of them in mpmp.
 # Set for every rank of a launched job: mpi4py must then be initialised to learn the world.
 LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "HYDRA_CONTROL_FD")
+# This rank's index in the job, known before MPI is initialised (SLURM_PROCID last: under mpirun inside
+# an allocation every rank inherits the batch script's 0).
+_WORLD_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
 # This rank's index among the ranks on its node (which GPU it takes).
 _LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK", "SLURM_LOCALID")
 # The number of ranks on this node.
@@ -40,6 +43,16 @@ def local_ranks(environ=os.environ) -> int:
 def mpi_launched(environ=os.environ) -> bool:
     """Whether this process was started by an MPI launcher (as opposed to plain `python`)."""
     return any(v in environ for v in LAUNCHER_VARS)
+
+
+def launcher_rank(environ=os.environ) -> int:
+    """This process's rank as the launcher numbered it (0 when not launched by MPI), before MPI starts."""
+    if not mpi_launched(environ):
+        return 0
+    for var in _WORLD_RANK_VARS:
+        if environ.get(var, "").isdigit():
+            return int(environ[var])
+    return 0
 
 
 def local_rank(environ=os.environ) -> int:

@@ -15,6 +15,7 @@ No pickle: every array file is loaded with allow_pickle=False.
 """
 
 import json
+import math
 import os
 import re
 import sys
@@ -25,7 +26,7 @@ import numpy
 
 from mpmp.comm.grid import coord_of, layout_ranks
 from mpmp.config import ModelConfig, TrainConfig
-from mpmp.errors import CheckpointError, MpmpError
+from mpmp.errors import CheckpointError, DivergedError, MpmpError
 from mpmp.model.gpt import param_infos, unit_params
 from mpmp.nn.parallel import shard, unshard
 
@@ -67,11 +68,15 @@ def _fsync_dir(path):
 
 def atomic_write_bytes(path: str, data: bytes):
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        # a full disk fails in write or fsync, whose OSError names no file: name the one we write
+        raise OSError(exc.errno, exc.strerror or str(exc), exc.filename or path) from None
     _fsync_dir(os.path.dirname(path) or ".")
 
 
@@ -118,8 +123,8 @@ def interchange_config(arrays: dict, heads: int, path: str = "interchange file")
             raise CheckpointError(f"{path}: missing tensor {key}")
         if arrays[key].ndim != 2:
             raise CheckpointError(f"{path}: {key} must be 2-D, has shape {tuple(arrays[key].shape)}")
-    v, d = arrays["wte.weight"].shape
-    s = arrays["wpe.weight"].shape[0]
+    v, s = arrays["wte.weight"].shape[0], arrays["wpe.weight"].shape[0]
+    d = _width(arrays)
     layers = 0
     while any(k.startswith(f"h.{layers}.") for k in arrays):
         layers += 1
@@ -140,7 +145,26 @@ def interchange_config(arrays: dict, heads: int, path: str = "interchange file")
             raise CheckpointError(f"{path}: {name} has shape {tuple(arrays[name].shape)}, expected {tuple(shape)}")
         if arrays[name].dtype.kind != "f":
             raise CheckpointError(f"{path}: {name} has dtype {arrays[name].dtype}, expected float32")
+    check_finite(arrays, path)
     return cfg
+
+
+def _width(arrays: dict) -> int:
+    """D, as most of wte's columns, wpe's columns and ln_f's length say: one odd tensor (a narrowed
+    wte) is then the one reported as mis-shaped, not the others."""
+    votes = [arrays["wte.weight"].shape[1], arrays["wpe.weight"].shape[1]]
+    if "ln_f.weight" in arrays and arrays["ln_f.weight"].ndim == 1:
+        votes.append(arrays["ln_f.weight"].shape[0])
+    return int(max(votes, key=votes.count))  # a tie: wte's
+
+
+def check_finite(arrays: dict, path: str):
+    """Refuse weights holding inf or NaN, naming the first such tensor: training from them can only
+    diverge."""
+    for name, a in arrays.items():
+        if a.dtype.kind == "f" and not numpy.isfinite(a).all():
+            count = int(a.size - numpy.count_nonzero(numpy.isfinite(a)))
+            raise CheckpointError(f"{path}: {name} holds {count} non-finite value(s) (inf or NaN)")
 
 
 def load_interchange(path: str, heads: int):
@@ -188,21 +212,50 @@ def read_manifest(step_dir: str) -> dict:
 def resolve(path: str) -> str:
     """A step directory from a checkpoint root (the one `latest` names, else its newest complete
     step) or a step directory."""
+    step_dir, passed = choose(path)
+    if step_dir is None:
+        why = f" ({'; '.join(passed)})" if passed else ""
+        raise CheckpointError(f"{path}: no complete checkpoint (no step_*/manifest.json){why}")
+    return step_dir
+
+
+def choose(path: str) -> tuple[str | None, list[str]]:
+    """(the step directory to resume from, or None when a root holds no complete one; why each step
+    directory newer than it was passed over). path: a step directory or a checkpoint root."""
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
-    if os.path.exists(os.path.join(path, "manifest.json")):
-        return path
+    if _complete(path):
+        return path, []
+    dirs = step_dirs(path)
+    complete = [d for _, d in dirs if _complete(os.path.join(path, d))]
+    named = _latest(path)
+    chosen = named if named in complete else (complete[-1] if complete else None)
+    after = int(STEP_DIR.fullmatch(chosen).group(1)) if chosen else -1
+    passed = [
+        f"skipped {os.path.join(path, d)}: "
+        + (
+            "newer than the step `latest` names"
+            if d in complete
+            else "no manifest.json (an interrupted or damaged save)"
+        )
+        for s, d in dirs
+        if s > after
+    ]
+    return (os.path.join(path, chosen) if chosen else None), passed
+
+
+def _complete(step_dir: str) -> bool:
+    return os.path.exists(os.path.join(step_dir, "manifest.json"))
+
+
+def _latest(root: str) -> str | None:
+    """The step directory name `latest` holds, if it holds one."""
     try:
-        with open(os.path.join(path, "latest")) as f:
-            named = os.path.join(path, f.read().strip())
-        if STEP_DIR.fullmatch(os.path.basename(named)) and os.path.exists(os.path.join(named, "manifest.json")):
-            return named
+        with open(os.path.join(root, "latest")) as f:
+            name = f.read().strip()
     except OSError:
-        pass
-    for _, d in reversed(step_dirs(path)):
-        if os.path.exists(os.path.join(path, d, "manifest.json")):
-            return os.path.join(path, d)
-    raise CheckpointError(f"{path}: no complete checkpoint (no step_*/manifest.json)")
+        return None
+    return name if STEP_DIR.fullmatch(name) else None
 
 
 def model_config_of(manifest) -> ModelConfig:
@@ -260,24 +313,25 @@ def save(root: str, state: TrainingState, keep_last: int = 0) -> str:
     try:
         return _save(root, state, keep_last)
     except OSError as exc:
-        raise CheckpointError(f"cannot write checkpoint in {root}: {exc.strerror or exc} ({exc.filename})") from None
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise CheckpointError(
+            f"cannot write the checkpoint of step {state.step} in {root}: {exc.strerror or exc}{where}"
+        ) from None
 
 
 def _save(root, state, keep_last):
     grid = state.grid
+    files = _files_to_write(state)
+    _refuse_non_finite(state, files, root)  # collective: before anything is written or pruned
     final = os.path.join(root, step_dir_name(state.step))
     partial = final + ".partial"
     if grid.rank == 0:
-        os.makedirs(partial, exist_ok=True)
+        _fresh_dir(partial)
     grid.world.barrier()
-    c = grid.coord
     crcs = numpy.zeros(4, dtype=numpy.int64)  # [writes model file, its crc, writes optim file, its crc]
-    if c.dp == 0:
-        crcs[:2] = 1, atomic_save_npz(os.path.join(partial, f"model_tp{c.tp}_pp{c.pp}.npz"), state.model.local_state())
-    # Without ZeRO every data-parallel replica holds the same state: replica 0 writes it.
-    if state.optimizer.zero or c.dp == 0:
-        arrays = _optimizer_arrays(state.optimizer.export_state(), state.flat_layout)
-        crcs[2:] = 1, atomic_save_npz(os.path.join(partial, f"optim_rank{grid.rank}.npz"), arrays)
+    for i, entry in enumerate(files):
+        if entry is not None:
+            crcs[2 * i : 2 * i + 2] = 1, atomic_save_npz(os.path.join(partial, entry[0]), entry[1])
     every = grid.world.all_gather(crcs.reshape(1, 4))
     if grid.rank == 0:
         manifest = _manifest(state, _file_checksums(every.tolist(), grid.tp, grid.dp))
@@ -289,9 +343,61 @@ def _save(root, state, keep_last):
         os.replace(partial, final)
         _fsync_dir(root)
         atomic_write_bytes(os.path.join(root, "latest"), (step_dir_name(state.step) + "\n").encode())
-        _prune(root, state.step, keep_last)
+        _prune(root, state.step, keep_last)  # only after a complete, finite checkpoint
     grid.world.barrier()
     return final
+
+
+def _files_to_write(state: TrainingState) -> list:
+    """[model file, optimizer file] this rank writes, each (name, {key: array}) or None: its (tp, pp)
+    position's parameters (data-parallel rank 0), its optimizer state (every rank under ZeRO; without
+    ZeRO every replica holds the same state and replica 0 writes it)."""
+    grid, c = state.grid, state.grid.coord
+    model = (f"model_tp{c.tp}_pp{c.pp}.npz", state.model.local_state()) if c.dp == 0 else None
+    optim = None
+    if state.optimizer.zero or c.dp == 0:
+        optim = (f"optim_rank{grid.rank}.npz", _optimizer_arrays(state.optimizer.export_state(), state.flat_layout))
+    return [model, optim]
+
+
+def _refuse_non_finite(state: TrainingState, files: list, root: str):
+    """DivergedError on every rank when any rank's files would hold inf or NaN: one all-gather of each
+    rank's first offending tensor, so that every rank decides alike and nothing is written or pruned
+    (--keep-last never removes the newest finite checkpoint for a broken one)."""
+    mine = next((bad for bad in (_first_non_finite(e, state.flat_layout) for e in files if e) if bad), None)
+    found = [(r, bad) for r, bad in enumerate(state.grid.world.all_gather_json(mine)) if bad]
+    if found:
+        rank, bad = found[0]
+        where = f" on rank {rank}" if state.grid.world_size > 1 else ""
+        raise DivergedError(
+            f"refusing to save the checkpoint of step {state.step}: {bad} holds non-finite values{where}; "
+            f"{root} keeps its earlier checkpoints"
+        )
+
+
+def _first_non_finite(entry, flat_layout) -> str | None:
+    """ "FILE: tensor" for the first array of a file entry holding inf or NaN; optimizer arrays are
+    named by the parameter their first bad value belongs to."""
+    file, arrays = entry
+    for key, a in arrays.items():
+        if a.dtype.kind == "f" and not numpy.isfinite(a).all():
+            kind = re.fullmatch(r"(m|v|master)(\d+)", key)
+            if kind is None or "ranges" not in arrays:
+                return f"{file}: {key}"
+            offset = int(arrays["ranges"][int(kind.group(2))][0]) + int(numpy.argmin(numpy.isfinite(a)))
+            owner = next((n for n, off, shape in flat_layout if off <= offset < off + math.prod(shape)), key)
+            what = {"m": "AdamW's m", "v": "AdamW's v", "master": "fp32 master"}[kind.group(1)]
+            return f"{file}: {what} of {owner}"
+    return None
+
+
+def _fresh_dir(path: str):
+    """An empty folder at path: a save killed mid-write leaves its .partial folder with temporary
+    (*.tmp-PID) and finished files, which must not end up in this checkpoint."""
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
 
 
 def _file_checksums(rows, tp: int, dp: int) -> dict:
@@ -446,10 +552,10 @@ def main(argv=None):
     try:
         step_dir = export(args.checkpoint, args.out)
     except MpmpError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        sys.stderr.write(f"error: {exc}\n")
         return exc.exit_code
     except OSError as exc:
-        print(f"error: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        sys.stderr.write(f"error: cannot write {args.out}: {exc.strerror or exc}\n")
         return 2
     print(f"exported {step_dir} -> {args.out}")
     return 0

@@ -6,6 +6,7 @@ the command line's (docs/command-line.md); `validate` is the one place that deci
 configuration can run.
 """
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from mpmp.errors import ConfigError
@@ -14,6 +15,10 @@ PARTITIONS = ("uniform", "parameters", "time")
 RECOMPUTE = ("none", "selective", "full")
 DTYPES = ("fp32", "bf16", "fp16")
 LOW_PRECISION = ("bf16", "fp16")
+# AdamW's decoupled decay multiplies the weights by (1 - lr * wd) each step: typical values are 0 to
+# 0.1; beyond 10 it is a typo (the issue's 1e30), not a setting.
+MAX_WEIGHT_DECAY = 10.0
+SEED_LIMIT = 2**63  # seeds are non-negative int64s (NumPy's generators, the checkpoint's manifest)
 
 
 @dataclass(frozen=True)
@@ -173,5 +178,61 @@ def validate(cfg: TrainConfig, world_size: int | None = None):
             f"{model.layers} layers + embedding + head = {model.units} units cannot fill "
             f"pp*virtual-stages = {par.pp * par.virtual_stages} pipeline stages"
         )
-    if cfg.clip < 0:
-        raise ConfigError(f"--clip must be >= 0, not {cfg.clip}")
+    check_numbers(cfg)
+
+
+def _numbers(cfg: TrainConfig) -> list:
+    """(flag, value, low, high, low_open, high_open) for every real number of a configuration."""
+    return [
+        ("--lr", cfg.lr, 0.0, None, True, False),
+        ("--min-lr", cfg.min_lr, 0.0, cfg.lr, False, False),
+        ("--weight-decay", cfg.weight_decay, 0.0, MAX_WEIGHT_DECAY, False, False),
+        ("--beta1", cfg.beta1, 0.0, 1.0, False, True),
+        ("--beta2", cfg.beta2, 0.0, 1.0, False, True),
+        ("eps", cfg.eps, 0.0, None, True, False),
+        ("--clip", cfg.clip, 0.0, None, False, False),
+        ("--bucket-mb", cfg.parallel.bucket_mb, 0.0, None, True, False),
+    ]
+
+
+def check_range(flag: str, value, low: float, high=None, low_open=False, high_open=False):
+    """A finite number between low and high (each end included unless open); ConfigError otherwise."""
+    above = value > low if low_open else value >= low
+    below = high is None or (value < high if high_open else value <= high)
+    if not (math.isfinite(value) and above and below):
+        if high is None:
+            where = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            where = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(f"{flag} must be a finite number {where}, not {value}")
+
+
+def check_numbers(cfg: TrainConfig):
+    """Every number of the configuration finite and in its range (docs/command-line.md)."""
+    for flag, value, low, high, low_open, high_open in _numbers(cfg):
+        check_range(flag, value, low, high, low_open, high_open)
+    if not 0 <= cfg.seed < SEED_LIMIT:
+        raise ConfigError(f"--seed must be in [0, 2**63), not {cfg.seed}")
+    if cfg.warmup_steps < 0:
+        raise ConfigError(f"--warmup-steps must be >= 0, not {cfg.warmup_steps}")
+    if cfg.steps < 1:
+        raise ConfigError(f"--steps must be at least 1, not {cfg.steps}")
+
+
+def embedding_bytes(model: ModelConfig, tp: int) -> int:
+    """What one rank's share of the embedding needs in training: V/tp rows of D float32 values, four
+    times (parameter, gradient, AdamW's m and v). A lower bound of a rank's memory, cheap enough to
+    check before anything is allocated; the full estimate (blocks, activations) is the planner's."""
+    return -(-model.vocab // tp) * model.d_model * 4 * 4
+
+
+def check_embedding_fits(model: ModelConfig, tp: int, memory_bytes: int, vocab_from: str = ""):
+    """Refuse, with the numbers in GiB, an embedding that cannot be allocated on this machine.
+    vocab_from: where the vocabulary came from, when the user did not choose it."""
+    need = embedding_bytes(model, tp)
+    if need > memory_bytes:
+        raise ConfigError(
+            f"the embedding alone needs {need / 2**30:,.1f} GiB per rank (vocabulary {model.vocab:,} / tp {tp} "
+            f"x d-model {model.d_model} x 4 bytes x 4: parameter, gradient, AdamW m and v), but this machine "
+            f"has {memory_bytes / 2**30:,.1f} GiB{vocab_from}"
+        )

@@ -1,11 +1,23 @@
 """What a training run prints: the start-up banner, progress lines, the end-of-run summary (loss,
 tokens/s, memory per rank, communication by kind and group over all ranks) and the Chrome trace.
-Printing happens on the rank that is_main; gathering from all ranks is collective."""
+Printing happens on the rank that is_main; gathering from all ranks is collective. Every line is
+written whole, text and newline in one write (`line`), so the launcher never merges two ranks' lines."""
+
+import sys
 
 from mpmp import backend
 from mpmp.comm import ledger
 
 MEMORY_KEYS = ("param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes")
+
+
+def line(text: str, stream=None):
+    """Write text and its newline in one write, then flush: under mpirun each rank's output is a pipe
+    the launcher reads in chunks, and print()'s separate write of the newline lets another rank's
+    line slip in between."""
+    stream = sys.stdout if stream is None else stream
+    stream.write(text + "\n")
+    stream.flush()
 
 
 def banner(cfg, grid, *, split, memory: dict, data: str) -> str:

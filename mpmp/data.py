@@ -34,13 +34,23 @@ def load_tokens(path: str | None) -> tuple[numpy.ndarray, int]:
         raise DataError(f"data file {path} does not exist")
     if os.path.isdir(path):
         raise DataError(f"data file {path} is a directory, not a token file")
+    tokens, vocab = _read_tokens(path)
+    if tokens.size == 0:
+        raise DataError(f"{path}: the file holds no tokens")
+    return tokens, vocab
+
+
+def _read_tokens(path: str) -> tuple[numpy.ndarray, int]:
+    """(tokens, natural vocabulary) of an existing file, by its suffix (docs/data.md)."""
     try:
         if path.endswith(".bin"):
             size = os.path.getsize(path)
             if size % 2:
                 raise DataError(f"{path}: a .bin token file holds uint16 tokens, but its size ({size} bytes) is odd")
+            if size == 0:
+                return numpy.zeros(0, dtype="<u2"), 0  # memmap cannot map an empty file
             tokens = numpy.memmap(path, dtype="<u2", mode="r")
-            return tokens, int(tokens.max()) + 1 if tokens.size else 0
+            return tokens, int(tokens.max()) + 1
         if path.endswith(".npy"):
             tokens = numpy.load(path, mmap_mode="r", allow_pickle=False)
             if tokens.ndim != 1 or tokens.dtype.kind not in "iu":

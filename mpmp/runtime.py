@@ -5,12 +5,14 @@ gradient reducer (dp buckets, tied embedding, sequence-parallel sums), the optim
 ZeRO-1) and the pipeline engine with this rank's instruction list, and runs steps in the data order
 of docs/data.md. A step reads top-down: `gradients` (the schedule, then the reductions), `update`
 (norm, clipping or an fp16 skip, AdamW), then one small all-reduce that gives every rank the loss.
-`python -m mpmp.train` is a command line around it; tests drive it directly.
+A non-finite loss or gradient norm ends in `diverged` (the reason), decided by every rank alike from
+those two all-reduced numbers. `python -m mpmp.train` is a command line around it; tests drive it
+directly.
 
 On a GPU (CuPy) the same step never waits for the device until its end: the micro-batches' losses
-add up on the device, the norm, the clip coefficient and the fp16 overflow flag are computed there
-and steer the AdamW kernel (`update_on_device`), and the step's values reach the host together in
-one transfer (backend.to_host). Parameters and activations are then held in the 16-bit format of
+add up on the device, the norm, the clip coefficient and the overflow flag are computed there and
+steer the AdamW kernel (`update_on_device`), and the step's values reach the host together in one
+transfer (backend.to_host). Parameters and activations are then held in the 16-bit format of
 --dtype (float16, or bf16 bit patterns in uint16), with fp32 master weights and gradients.
 """
 
@@ -25,7 +27,7 @@ from mpmp.backend import round_to
 from mpmp.checkpoint import TrainingState
 from mpmp.comm import ledger
 from mpmp.config import TrainConfig, validate
-from mpmp.model.gpt import GPT, split_microbatches
+from mpmp.model.gpt import GPT, param_infos, split_microbatches
 from mpmp.optim import clip
 from mpmp.optim.buffer import FlatParams
 from mpmp.optim.grads import GradReducer
@@ -46,7 +48,7 @@ class Update:
     grad_norm: float  # global, before clipping (with the loss scale divided out)
     lr: float
     clip_coef: float  # 0 when the step was skipped
-    skipped: bool  # fp16: the gradients overflowed and the update was skipped
+    skipped: bool  # the gradient norm was not finite (an fp16 overflow, or divergence): no update
     loss_scale: float  # the scale this step's loss was multiplied by
 
 
@@ -161,17 +163,18 @@ class Trainer:
         return loss
 
     def update(self, step: int) -> Update:
-        """Global norm, then clip and AdamW, or (fp16 overflow) skip and lower the loss scale."""
+        """Global norm, then clip and AdamW; a non-finite norm (an fp16 overflow, or a diverging run)
+        skips the update, so the weights and AdamW's state stay finite, and lowers the fp16 loss scale."""
         s = self.scaler.scale
         with ledger.get().span("optimizer"):
             norm = self.optimizer.grad_norm() / s
             lr = self.lr_at(step)
-            overflow = self.scaler.overflowed(norm)
-            coef = 0.0 if overflow else clip.clip_coefficient(norm, self.cfg.clip)
-            if not overflow:  # a skipped step's data is consumed all the same
+            finite = math.isfinite(norm)
+            coef = clip.clip_coefficient(norm, self.cfg.clip) if finite else 0.0
+            if finite:  # a skipped step's data is consumed all the same
                 self.optimizer.step(lr, coef / s)
-            self.scaler.update(overflow)
-        return Update(grad_norm=norm, lr=lr, clip_coef=coef, skipped=overflow, loss_scale=s)
+            self.scaler.update(self.scaler.overflowed(norm))
+        return Update(grad_norm=norm, lr=lr, clip_coef=coef, skipped=not finite, loss_scale=s)
 
     def global_loss(self, local_loss: float, stop_requested: bool = False) -> tuple[float, bool]:
         """One small all-reduce carries the loss (still scaled) to every rank, and whether any rank
@@ -181,9 +184,39 @@ class Trainer:
         self.grid.world.all_reduce(total)
         return float(total[0]), bool(total[1] > 0)
 
+    def divergence(self, loss: float, done: Update) -> str | None:
+        """Why the step just run shows the run diverged, or None. Every rank holds the same loss and
+        norm (both all-reduced), so every rank decides alike; only then the ranks look up, with one
+        more small all-reduce, the first parameter whose gradient is not finite."""
+        if self.cfg.dtype == "fp16" and done.skipped:
+            if not self.scaler.gave_up:
+                return None  # an overflow: skipped, the scale lowered, as loss scaling does
+            why = (
+                f"gradient norm {done.grad_norm:.6g}: fp16 overflowed in {self.scaler.floor_overflows} steps in a "
+                f"row with the loss scale at its floor ({self.scaler.minimum:g})"
+            )
+        elif math.isfinite(loss) and math.isfinite(done.grad_norm):
+            return None
+        else:
+            why = f"loss {loss:.6g}, gradient norm {done.grad_norm:.6g}"
+        name = self.first_non_finite_gradient()
+        return why + (f", first non-finite gradient in {name}" if name else "")
+
+    def first_non_finite_gradient(self) -> str | None:
+        """The interchange name of the first parameter (in model order) whose gradient holds inf or
+        NaN on any rank. Collective: a local scan, then one all-reduce of an index."""
+        names = [info.name for info in param_infos(self.cfg.model)]
+        order = {name: i for i, name in enumerate(names)}
+        xp = backend.xp()
+        bad = [order[p.name] for p in self.model.parameters() if not bool(xp.isfinite(p.grad).all())]
+        first = numpy.array([min(bad, default=len(names))], dtype=numpy.float64)
+        self.grid.world.all_reduce(first, op="min")
+        return names[int(first[0])] if first[0] < len(names) else None
+
     def train_step(self, stop_requested: bool = False) -> dict:
         """Run step self.step; returns its metrics (the same on every rank). stop_requested: this rank
-        was asked to stop (a preemption signal); metrics["stop"] says whether any rank was."""
+        was asked to stop (a preemption signal); metrics["stop"] says whether any rank was, and
+        metrics["diverged"] why the run cannot go on (None while it can)."""
         led = ledger.get()
         t0, comm0 = time.perf_counter(), led.comm_seconds()
         with led.span(f"step {self.step + 1}", "step"):
@@ -196,9 +229,10 @@ class Trainer:
             backend.synchronize()
         dt = time.perf_counter() - t0
         self.step += 1
+        loss /= done.loss_scale
         return {
             "step": self.step,
-            "loss": loss / done.loss_scale,
+            "loss": loss,
             "grad_norm": done.grad_norm,
             "lr": done.lr,
             "step_s": dt,
@@ -209,6 +243,7 @@ class Trainer:
             "stop": stop,
             "skipped": done.skipped,
             "loss_scale": done.loss_scale,
+            "diverged": self.divergence(loss, done),
         }
 
     # ---- the end of a step on a GPU, without waiting for it ------------------------------------------
@@ -218,13 +253,11 @@ class Trainer:
         the loss sum, the stop flag, the overflow flag and the squared norm come to the host in one
         transfer. Returns (Update, loss still scaled, stop)."""
         xp, s = backend.xp(), self.scaler.scale
-        dynamic = isinstance(self.scaler, DynamicLossScaler)  # fp16: a non-finite norm vetoes the update
         with ledger.get().span("optimizer"):
             sq = self.optimizer.device_sq_norm()
-            overflow = ~xp.isfinite(sq) if dynamic else xp.zeros(1, dtype=bool)
+            overflow = ~xp.isfinite(sq)  # a non-finite norm (fp16 overflow, divergence) vetoes the update
             lr = self.lr_at(step)
-            skip = overflow.astype(xp.int32) if dynamic else None
-            self.optimizer.step(lr, _device_grad_scale(sq, s, self.cfg.clip), skip=skip)
+            self.optimizer.step(lr, _device_grad_scale(sq, s, self.cfg.clip), skip=overflow.astype(xp.int32))
         totals = self._device_totals(local_loss, stop_requested)
         loss, stop, skipped, sq = (float(v) for v in backend.to_host(xp.concatenate([totals, overflow, sq])))
         skipped = skipped > 0

@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 import uuid
@@ -17,20 +18,47 @@ from dataclasses import dataclass
 import numpy
 
 from mpmp import backend, console
-from mpmp._setup import local_rank, local_ranks, mpi_launched
+from mpmp._setup import launcher_rank, local_rank, local_ranks, mpi_launched
 from mpmp.comm import ledger
-from mpmp.config import ModelConfig, ParallelConfig, TrainConfig, validate
-from mpmp.errors import ConfigError, MpmpError
+from mpmp.config import ModelConfig, ParallelConfig, TrainConfig, check_embedding_fits, validate
+from mpmp.errors import ConfigError, DivergedError, MpmpError, StartupErrors
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage, help and errors written once per job, each in one write. argv is the
+    same on every rank, so every rank finds the same error; the launcher's rank 0 says it, before MPI
+    is initialised, and every rank exits with code 2."""
+
+    def _print_message(self, message, file=None):
+        if message and launcher_rank() == 0:
+            (file or sys.stderr).write(message)
+            (file or sys.stderr).flush()
+
+    def error(self, message):
+        self._print_message(f"{self.format_usage()}{self.prog}: error: {message}\n", sys.stderr)
+        sys.exit(2)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" once: not for flags whose help already says their default, nor for
+    defaults computed at start-up (None) or switches (False)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _number(kind, allow_zero):
-    """An argparse type: a number of `kind` that is positive (or, with allow_zero, not negative)."""
+    """An argparse type: a finite number of `kind` that is positive (or, with allow_zero, not negative)."""
 
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
         if value < 0 or (value == 0 and not allow_zero):
             raise argparse.ArgumentTypeError(f"must be {'non-negative' if allow_zero else 'positive'}, not {text}")
         return value
@@ -38,23 +66,51 @@ def _number(kind, allow_zero):
     return parse
 
 
-def build_parser():
-    p = argparse.ArgumentParser(
+_POSITIVE_INT, _COUNT = _number(int, False), _number(int, True)
+_POSITIVE, _NON_NEGATIVE = _number(float, False), _number(float, True)
+# A stop request must reach the process: KILL and STOP cannot be caught, and the fault signals
+# report a crash in progress, not a request.
+_UNCATCHABLE = {"SIGKILL", "SIGSTOP"}
+_FAULTS = {"SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT"}
+
+
+def catchable_signal(text: str) -> signal.Signals:
+    """An argparse type: the name of a signal a process can catch (USR1, SIGUSR1, TERM, ...)."""
+    name = "SIG" + text.upper().removeprefix("SIG")
+    sig = signal.Signals.__members__.get(name)
+    if sig is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a signal name (USR1, USR2, TERM, ...)")
+    if name in _UNCATCHABLE | _FAULTS:
+        why = "cannot be caught" if name in _UNCATCHABLE else "reports a crash, not a request"
+        raise argparse.ArgumentTypeError(f"{name} {why}; use USR1, USR2 or TERM")
+    return sig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
         prog="python -m mpmp.train",
         description="Train GPT-2 with hand-written layers over MPI: tensor, pipeline and data parallelism.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
-    pi, ni, pf, nf = _number(int, False), _number(int, True), _number(float, False), _number(float, True)
-    g = p.add_argument_group("layout (dp = world size / (tp*pp))")
-    g.add_argument("--tp", type=pi, default=None, help="tensor-parallel ranks (default: 2 on 4+ even ranks)")
-    g.add_argument("--pp", type=pi, default=None, help="pipeline stages (default: 2 on 8+ ranks divisible by 4)")
+    _layout_flags(p.add_argument_group("layout (dp = world size / (tp*pp))"))
+    _model_flags(p.add_argument_group("model (GPT-2)"))
+    _training_flags(p.add_argument_group("training"))
+    files = p.add_argument_group("data and files")
+    _data_flags(files)
+    _output_flags(files)
+    return p
+
+
+def _layout_flags(g):
+    g.add_argument("--tp", type=_POSITIVE_INT, help="tensor-parallel ranks (default: 2 on 4+ even ranks)")
+    g.add_argument("--pp", type=_POSITIVE_INT, help="pipeline stages (default: 2 on 8+ ranks divisible by 4)")
     g.add_argument("--schedule", default="1f1b", help="pipeline schedule: gpipe, 1f1b, interleaved, zb-h1")
-    g.add_argument("--virtual-stages", type=pi, default=None, help="model chunks per rank (interleaved; default 2)")
-    g.add_argument("--micro-batches", type=pi, default=None, help="micro-batches per replica per step (default 2*pp)")
+    g.add_argument("--virtual-stages", type=_POSITIVE_INT, help="model chunks per rank (interleaved; default 2)")
+    g.add_argument("--micro-batches", type=_POSITIVE_INT, help="micro-batches per replica per step (default 2*pp)")
     g.add_argument("--sequence-parallel", action="store_true", help="shard LayerNorm regions along the sequence")
     g.add_argument("--partition", default="uniform", help="layers to stages: uniform, parameters, time")
-    g.add_argument("--zero", type=ni, default=0, help="1 = ZeRO-1: shard optimizer state over dp")
-    g.add_argument("--bucket-mb", type=pf, default=25.0, help="data-parallel gradient bucket size in MiB")
+    g.add_argument("--zero", type=_COUNT, default=0, help="1 = ZeRO-1: shard optimizer state over dp")
+    g.add_argument("--bucket-mb", type=_POSITIVE, default=25.0, help="data-parallel gradient bucket size in MiB")
     g.add_argument("--recompute", default="none", help="activation recomputation: none, selective, full")
     g.add_argument("--backend", default="numpy", help="array backend: numpy or cupy")
     g.add_argument(
@@ -63,66 +119,70 @@ def build_parser():
         help="transport between ranks: mpi, or nccl (CuPy, one GPU per rank); auto: nccl when every rank "
         "has its own GPU, else mpi",
     )
-    m = p.add_argument_group("model (GPT-2)")
-    m.add_argument(
-        "--vocab", type=pi, default=None, help="vocabulary size (default: 256 for bytes, else max token + 1)"
+
+
+def _model_flags(g):
+    g.add_argument("--vocab", type=_POSITIVE_INT, help="vocabulary size (default: 256 for bytes, else max token + 1)")
+    g.add_argument("--d-model", type=_POSITIVE_INT, default=128, help="hidden size D")
+    g.add_argument("--layers", type=_POSITIVE_INT, default=4, help="transformer blocks L")
+    g.add_argument("--heads", type=_POSITIVE_INT, default=4, help="attention heads H")
+    g.add_argument("--init-from", help="start from an interchange .npz (V, S, D, L read from it)")
+
+
+def _training_flags(g):
+    g.add_argument("--global-batch", type=_POSITIVE_INT, default=16, help="sequences per step B")
+    g.add_argument("--seq-len", type=_POSITIVE_INT, default=128, help="tokens per sequence S")
+    g.add_argument("--steps", type=_POSITIVE_INT, default=150, help="total steps (a resumed run continues up to this)")
+    g.add_argument("--lr", type=_POSITIVE, default=3e-3, help="peak learning rate")
+    g.add_argument("--lr-schedule", default="constant", help="constant, warmup, cosine")
+    g.add_argument("--warmup-steps", type=_COUNT, default=0, help="linear warmup steps")
+    g.add_argument("--min-lr", type=_NON_NEGATIVE, default=0.0, help="final learning rate of the cosine schedule")
+    g.add_argument(
+        "--weight-decay", type=_NON_NEGATIVE, default=0.1, help="AdamW decoupled weight decay (2-D tensors), at most 10"
     )
-    m.add_argument("--d-model", type=pi, default=128, help="hidden size D")
-    m.add_argument("--layers", type=pi, default=4, help="transformer blocks L")
-    m.add_argument("--heads", type=pi, default=4, help="attention heads H")
-    m.add_argument("--init-from", default=None, help="start from an interchange .npz (V, S, D, L read from it)")
-    t = p.add_argument_group("training")
-    t.add_argument("--global-batch", type=pi, default=16, help="sequences per step B")
-    t.add_argument("--seq-len", type=pi, default=128, help="tokens per sequence S")
-    t.add_argument("--steps", type=pi, default=150, help="total steps (a resumed run continues up to this)")
-    t.add_argument("--lr", type=pf, default=3e-3, help="peak learning rate")
-    t.add_argument("--lr-schedule", default="constant", help="constant, warmup, cosine")
-    t.add_argument("--warmup-steps", type=ni, default=0, help="linear warmup steps")
-    t.add_argument("--min-lr", type=nf, default=0.0, help="final learning rate of the cosine schedule")
-    t.add_argument("--weight-decay", type=nf, default=0.1, help="AdamW decoupled weight decay (2-D tensors)")
-    t.add_argument("--beta1", type=nf, default=0.9, help="AdamW's first-moment decay")
-    t.add_argument("--beta2", type=nf, default=0.95, help="AdamW's second-moment decay")
-    t.add_argument("--clip", type=nf, default=1.0, help="clip the global gradient norm (0 = off)")
-    t.add_argument("--seed", type=int, default=1234, help="initialisation and shuffling seed")
-    t.add_argument(
+    g.add_argument("--beta1", type=_NON_NEGATIVE, default=0.9, help="AdamW's first-moment decay, in [0, 1)")
+    g.add_argument("--beta2", type=_NON_NEGATIVE, default=0.95, help="AdamW's second-moment decay, in [0, 1)")
+    g.add_argument("--clip", type=_NON_NEGATIVE, default=1.0, help="clip the global gradient norm (0 = off)")
+    g.add_argument("--seed", type=_COUNT, default=1234, help="initialisation and shuffling seed, in [0, 2**63)")
+    g.add_argument(
         "--dtype",
         default="fp32",
         help="fp32, bf16 or fp16: parameters, activations and their traffic in that format, fp32 master "
         "weights and gradients; fp16 adds dynamic loss scaling",
     )
-    d = p.add_argument_group("data and files")
-    d.add_argument(
-        "--data",
-        default=None,
-        help=".bin (uint16), .npy (1-D ints) or any file as bytes; default: built-in corpus",
+
+
+def _data_flags(g):
+    g.add_argument("--data", help=".bin (uint16), .npy (1-D ints) or any file as bytes (default: built-in corpus)")
+    g.add_argument("--data-order", default="sequential", help="sequential or shuffled")
+    g.add_argument("--save", help="checkpoint directory")
+    g.add_argument("--save-every", type=_COUNT, default=0, help="save every K steps (0: only at the end); needs --save")
+    g.add_argument(
+        "--keep-last", type=_COUNT, default=0, help="keep only the newest N checkpoints (0 = all); needs --save"
     )
-    d.add_argument("--data-order", default="sequential", help="sequential or shuffled")
-    d.add_argument("--save", default=None, help="checkpoint directory")
-    d.add_argument("--save-every", type=ni, default=0, help="save every K steps (0: only at the end, with --save)")
-    d.add_argument("--keep-last", type=ni, default=0, help="keep only the newest N checkpoints in --save (0 = all)")
-    d.add_argument("--resume", default=None, help="resume from a checkpoint directory, or 'auto' (newest in --save)")
-    d.add_argument("--metrics", default=None, help="write one JSON line per step (rank 0)")
-    d.add_argument("--trace", default=None, help="write a Chrome trace of every operation (open in Perfetto)")
-    d.add_argument(
-        "--trace-steps",
-        default=None,
-        metavar="A:B",
-        help="trace only steps A..B (1-based, inclusive; default: every step)",
+    g.add_argument("--resume", help="resume from a checkpoint directory, or 'auto' (the newest in --save)")
+
+
+def _output_flags(g):
+    g.add_argument("--metrics", help="write one JSON line per step (rank 0)")
+    g.add_argument("--trace", help="write a Chrome trace of every operation (open in Perfetto)")
+    g.add_argument(
+        "--trace-steps", metavar="A:B", help="trace only steps A..B (1-based, inclusive; default: every step)"
     )
-    d.add_argument("--log-every", type=ni, default=None, help="progress line every K steps (default: steps/15)")
-    d.add_argument("--quiet", action="store_true", help="only errors and the summary")
-    d.add_argument(
+    g.add_argument("--log-every", type=_COUNT, help="progress line every K steps (default: steps/15)")
+    g.add_argument("--quiet", action="store_true", help="only errors, warnings and the summary")
+    g.add_argument(
         "--comm-timeout",
-        type=nf,
+        type=_NON_NEGATIVE,
         default=600.0,
         help="seconds an operation may wait before every rank reports and the job aborts (0 = off)",
     )
-    d.add_argument(
+    g.add_argument(
         "--preempt-signal",
+        type=catchable_signal,
         default="USR1",
         help="signal that asks for a checkpoint and exit code 75 (SLURM: #SBATCH --signal=USR1@120)",
     )
-    return p
 
 
 def default_layout(world: int, tp, pp):
@@ -157,9 +217,20 @@ class Run:
         """Whether the user passed a flag (rather than taking its default)."""
         return any(a == flag or a.startswith(flag + "=") for a in self.argv)
 
-    def say(self, *msg):
+    def say(self, text: str):
+        """A progress line on rank 0's stdout (not with --quiet)."""
         if self.is_main and not self.args.quiet:
-            print(*msg, flush=True)
+            console.line(text)
+
+    def tell(self, text: str):
+        """A line on rank 0's stdout, also with --quiet: what the run did, when it did nothing."""
+        if self.is_main:
+            console.line(text)
+
+    def warn(self, text: str):
+        """A warning on rank 0's stderr (every rank found the same), also with --quiet."""
+        if self.is_main:
+            console.line(f"warning: {text}", sys.stderr)
 
 
 def make_config(run: Run, data_vocab: int, init_cfg: ModelConfig | None, *, init_source="--init-from") -> TrainConfig:
@@ -234,14 +305,14 @@ class Start:
 
 
 def prepare(run: Run) -> Start:
+    """What the run starts from, with every check that needs no communication."""
     from mpmp import weights
     from mpmp.data import TokenData, load_tokens
     from mpmp.model.gpt import random_source
 
     args = run.args
+    check_flags(run)
     backend.use(args.backend, local_rank())
-    if args.init_from and args.resume and args.resume != "auto":
-        raise ConfigError("--init-from and --resume DIR exclude each other (a checkpoint already holds the weights)")
     resume = _load_resume(run) if args.resume else None
     init_cfg, init_arrays = (resume["model"], resume["params"]) if resume else (None, None)
     if args.init_from and not resume:  # with --resume auto: only while nothing is saved yet (fine-tuning)
@@ -249,11 +320,9 @@ def prepare(run: Run) -> Start:
     tokens, data_vocab = load_tokens(args.data)
     cfg = make_config(run, data_vocab, init_cfg, init_source="the checkpoint" if resume else "--init-from")
     validate(cfg, run.world_size)
+    _check_memory(run, cfg, inferred_vocab=not args.vocab and init_cfg is None)
     data = TokenData(tokens, cfg.seq_len, cfg.model.vocab, args.data_order, cfg.seed, args.data or "built-in corpus")
     source = init_arrays.__getitem__ if init_arrays is not None else random_source(cfg.model, cfg.seed)
-    for flag, path in (("--metrics", args.metrics), ("--trace", args.trace)):
-        if path:
-            _check_writable(os.path.dirname(os.path.abspath(path)), flag)
     if args.save:
         _check_writable(args.save, "--save", create=True)
     return Start(cfg, data, source, resume)
@@ -281,8 +350,63 @@ def choose_comm(run: Run) -> tuple[str, str]:
     return factory.agree(world_group(), kind, why)
 
 
+def check_flags(run: Run):
+    """The flags that no configuration object holds, and the output files: before anything is loaded."""
+    args = run.args
+    if args.init_from and args.resume and args.resume != "auto":
+        raise ConfigError("--init-from and --resume DIR exclude each other (a checkpoint already holds the weights)")
+    # by value, not by run.given: argparse also takes abbreviations (--save-ev 2)
+    for flag, value, needed, present in (
+        ("--save-every", args.save_every, "--save", args.save),
+        ("--keep-last", args.keep_last, "--save", args.save),
+        ("--trace-steps", args.trace_steps, "--trace", args.trace),
+    ):
+        if value and not present:
+            raise ConfigError(f"{flag} needs {needed}")
+    if args.trace:
+        parse_trace_steps(args.trace_steps, args.steps)
+    if run.is_main:  # rank 0 writes these two
+        for flag, path in (("--metrics", args.metrics), ("--trace", args.trace)):
+            if path:
+                _check_output_file(path, flag)
+
+
+def _check_memory(run: Run, cfg: TrainConfig, inferred_vocab: bool):
+    """The cheap part of "too big to run": an embedding this machine cannot hold is refused before it
+    is allocated (a --vocab typo, or a stray huge token id the vocabulary was inferred from)."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return  # the system does not say
+    data = run.args.data
+    hint = f"; the vocabulary is the largest token id in {data} + 1: check the data or give --vocab" if data else ""
+    check_embedding_fits(cfg.model, cfg.parallel.tp, memory, hint if inferred_vocab else "")
+
+
+def prepare_together(run: Run) -> Start:
+    """prepare() on every rank, then one small all-gather of what each rank found wrong (the run's
+    first collective), so that every rank stops together when any rank cannot start, and each error
+    is printed once, by rank 0, naming the ranks that found it unless all did."""
+    try:
+        start, problem = prepare(run), None
+    except MpmpError as exc:
+        start, problem = None, [exc.exit_code, str(exc)]
+    found = [problem]
+    if run.world_size > 1:
+        from mpmp.comm.mpi import world_group
+
+        found = world_group().all_gather_json(problem)
+    errors = {}
+    for rank, f in enumerate(found):
+        if f:
+            errors.setdefault(f[1], []).append(rank)
+    if errors:
+        raise StartupErrors(errors, run.world_size, next(f[0] for f in found if f))
+    return start
+
+
 def make_grid(cfg: TrainConfig, world_size: int, transport: str = "mpi"):
-    """The rank grid of the layout (its Splits are the run's first collectives)."""
+    """The rank grid of the layout (its Splits come right after prepare_together's all-gather)."""
     par = cfg.parallel
     if world_size == 1:
         from mpmp.comm.grid import LocalGrid
@@ -344,35 +468,47 @@ def parse_trace_steps(text: str | None, steps: int) -> tuple[int, int]:
 
 def train_loop(trainer, run: Run, append: bool) -> tuple[list, bool]:
     """Steps until --steps or a stop request; writes metrics (appended to when resuming), progress and
-    periodic checkpoints. Returns (every step's metrics, whether the run was asked to stop)."""
+    periodic checkpoints. Returns (every step's metrics, whether the run was asked to stop); raises
+    DivergedError, on every rank alike, at the step whose loss or gradients are not finite."""
     from mpmp import checkpoint
 
     args, cfg = run.args, trainer.cfg
     led = ledger.get()
     traced = parse_trace_steps(args.trace_steps, cfg.steps) if args.trace else None
     metrics_file = open(args.metrics, "a" if append else "w") if args.metrics and run.is_main else None
-    log_every = args.log_every or max(1, cfg.steps // 15)
     history, stopped = [], False
-    while trainer.step < cfg.steps and not stopped:
-        led.keep_events = traced is not None and traced[0] <= trainer.step + 1 <= traced[1]
-        m = trainer.train_step(stop_requested=run.preempt.is_set())
-        history.append(m)
+    try:
+        while trainer.step < cfg.steps and not stopped:
+            led.keep_events = traced is not None and traced[0] <= trainer.step + 1 <= traced[1]
+            m = trainer.train_step(stop_requested=run.preempt.is_set())
+            history.append(m)
+            _report_step(m, trainer, run, metrics_file)
+            if m["diverged"]:
+                raise DivergedError(
+                    f"the run diverged at step {m['step']}: {m['diverged']}; stopped without saving a checkpoint"
+                )
+            stopped = m["stop"]
+            if args.save and args.save_every and trainer.step % args.save_every == 0 and not stopped:
+                checkpoint.save(args.save, trainer.state(), keep_last=args.keep_last)
+    finally:
         if metrics_file:
-            metrics_file.write(metrics_line(m, trainer.memory(), run.run_id))  # rank 0's bytes
-            metrics_file.flush()
-        if m["step"] % log_every == 0 or m["step"] in (1, cfg.steps):
-            run.say(console.progress(m, cfg.steps))
-        if m["skipped"]:
-            run.say(
-                f"step {m['step']}: gradients overflowed in fp16: update skipped, loss scale "
-                f"{m['loss_scale']:g} -> {trainer.scaler.scale:g}"
-            )
-        stopped = m["stop"]
-        if args.save and args.save_every and trainer.step % args.save_every == 0 and not stopped:
-            checkpoint.save(args.save, trainer.state(), keep_last=args.keep_last)
-    if metrics_file:
-        metrics_file.close()
+            metrics_file.close()
     return history, stopped
+
+
+def _report_step(m: dict, trainer, run: Run, metrics_file):
+    """The step's metrics line (rank 0), its progress line every --log-every steps, an fp16 skip."""
+    steps = trainer.cfg.steps
+    if metrics_file:
+        metrics_file.write(metrics_line(m, trainer.memory(), run.run_id))  # rank 0's bytes
+        metrics_file.flush()
+    if m["step"] % (run.args.log_every or max(1, steps // 15)) == 0 or m["step"] in (1, steps):
+        run.say(console.progress(m, steps))
+    if m["skipped"] and not m["diverged"]:
+        run.say(
+            f"step {m['step']}: gradients overflowed in fp16: update skipped, loss scale "
+            f"{m['loss_scale']:g} -> {trainer.scaler.scale:g}"
+        )
 
 
 def finish(trainer, run: Run, history, stopped: bool, wall: float) -> int:
@@ -384,7 +520,7 @@ def finish(trainer, run: Run, history, stopped: bool, wall: float) -> int:
         checkpoint.save(args.save, trainer.state(), keep_last=args.keep_last)
     text = console.summary(trainer.grid, trainer.memory(), history, wall, run.is_main)
     if text and run.is_main:
-        print(text, flush=True)
+        console.line(text)
     if args.trace:
         run.say(console.write_trace(trainer.grid, args.trace, run.is_main, about=_trace_about(trainer, run)))
     if stopped:
@@ -416,7 +552,13 @@ def _trace_about(trainer, run: Run) -> dict:
 
 
 def train(run: Run) -> int:
-    start = prepare(run)  # everything that needs no communication: checked identically on every rank
+    start = prepare_together(run)  # checked on every rank without communication, then agreed
+    if start.resume and start.resume["manifest"]["step"] >= start.cfg.steps:
+        run.tell(
+            f"nothing to do: {start.resume['dir']} holds step {start.resume['manifest']['step']} and --steps is "
+            f"{start.cfg.steps} (the total a resumed run continues up to); the checkpoint is left as it is"
+        )
+        return 0
     transport, why = choose_comm(run)
     grid = make_grid(start.cfg, run.world_size, transport)
     ledger.install(ledger.Ledger(grid.rank, keep_events=False))
@@ -437,15 +579,11 @@ def train(run: Run) -> int:
     return finish(trainer, run, history, stopped, wall)
 
 
-def _install_preempt_handler(name):
+def _install_preempt_handler(signum: signal.Signals):
     """Set an event when the preemption signal arrives; the step loop checks it between steps."""
-    import signal
     import threading
 
     event = threading.Event()
-    signum = getattr(signal, "SIG" + name.upper().removeprefix("SIG"), None)
-    if signum is None:
-        raise ConfigError(f"--preempt-signal {name}: no such signal")
     signal.signal(signum, lambda *_: event.set())
     return event
 
@@ -454,18 +592,11 @@ def _load_resume(run: Run):
     """The checkpoint to resume from, checked against the flags: {"dir", "manifest", "model",
     "params", "optimizer"}; None for --resume auto with nothing saved yet (a first start)."""
     from mpmp import checkpoint
-    from mpmp.errors import CheckpointError
 
     args = run.args
-    if args.resume != "auto":
-        step_dir = checkpoint.resolve(args.resume)
-    elif not args.save:
-        raise ConfigError("--resume auto needs --save DIR (it resumes from the newest checkpoint there)")
-    else:
-        try:
-            step_dir = checkpoint.resolve(args.save)
-        except CheckpointError:
-            return None
+    step_dir = _resume_dir(run)
+    if step_dir is None:
+        return None
     manifest = checkpoint.read_manifest(step_dir)
     model = checkpoint.model_config_of(manifest)
     if run.given("--heads") and args.heads != model.heads:
@@ -484,7 +615,29 @@ def _load_resume(run: Run):
     optimizer = checkpoint.optimizer_state(step_dir, manifest)
     # Mixed-precision checkpoints hold fp32 master weights: those are the parameters.
     params = optimizer.get("master") or checkpoint.full_tensors(step_dir, manifest)
+    checkpoint.check_finite(params, step_dir)
     return {"dir": step_dir, "manifest": manifest, "model": model, "params": params, "optimizer": optimizer}
+
+
+def _resume_dir(run: Run) -> str | None:
+    """The step directory --resume names (a warning for each newer one passed over, and why); None
+    for --resume auto when --save holds no complete checkpoint yet."""
+    from mpmp import checkpoint
+
+    args = run.args
+    if args.resume == "auto" and not args.save:
+        raise ConfigError("--resume auto needs --save DIR (it resumes from the newest checkpoint there)")
+    root = args.save if args.resume == "auto" else args.resume
+    if args.resume == "auto" and not os.path.isdir(root):
+        return None
+    step_dir, passed = checkpoint.choose(root)
+    for note in passed:
+        run.warn(f"--resume: {note}")
+    if step_dir is None and args.resume == "auto":
+        if passed:
+            run.warn(f"--resume auto: no complete checkpoint in {root}; starting from step 0")
+        return None
+    return step_dir or checkpoint.resolve(root)  # resolve raises the error for an explicit DIR
 
 
 def _check_writable(folder, flag, create=False):
@@ -495,22 +648,35 @@ def _check_writable(folder, flag, create=False):
         except OSError as exc:
             raise ConfigError(f"{flag} {folder}: cannot create the folder ({exc.strerror or exc})") from None
     if not os.path.isdir(folder):
-        raise ConfigError(f"{flag}: folder {folder} does not exist")
+        what = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise ConfigError(f"{flag}: {folder} {what}")
     if not os.access(folder, os.W_OK):
         raise ConfigError(f"{flag}: folder {folder} is not writable")
 
 
+def _check_output_file(path, flag):
+    """Fail before the first step, not after the last, when a file rank 0 writes cannot be written."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag} {path} is a folder; give a file name")
+    _check_writable(os.path.dirname(os.path.abspath(path)), flag)
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise ConfigError(f"{flag} {path}: the file is not writable")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # a bad flag: usage and error once per job, exit code 2
+    # The run watches its numbers itself (a non-finite loss or gradient stops it with one line):
+    # NumPy's per-kernel warnings would only repeat that, once per rank.
+    numpy.seterr(over="ignore", invalid="ignore", divide="ignore")
     # First of all, so a preemption signal during start-up (a long checkpoint load after a requeue)
     # is remembered instead of killing the rank.
-    try:
-        preempt = _install_preempt_handler(args.preempt_signal)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    preempt = _install_preempt_handler(args.preempt_signal)
     run = Run(args, argv, preempt)
+    if mpi_launched() and args.preempt_signal != signal.SIGINT:
+        from mpmp.comm.mpi import report_interrupts
+
+        run.interrupts = report_interrupts(run.rank)
     if run.world_size > 1:
         from mpmp.comm.mpi import abort_on_exception
 
@@ -519,17 +685,27 @@ def main(argv=None) -> int:
         return train(run)
     except MpmpError as exc:
         report_and_exit(exc, run)
+    except KeyboardInterrupt:  # one process, Ctrl-C
+        from mpmp.comm.mpi import EXIT_INTERRUPTED, interrupted_line
+
+        console.line(interrupted_line(run.rank), sys.stderr)
+        return EXIT_INTERRUPTED
     return 2
 
 
-def report_and_exit(exc, run):
-    """One line per rank, then end the job with exit code 2 (aborting peers that may be waiting)."""
-    sys.stderr.write(f"rank {run.rank}: error: {exc}\n")
+def report_and_exit(exc: MpmpError, run: Run):
+    """An error every rank raised alike is printed once, by rank 0, and every rank exits with its code
+    (none is left waiting). Any other: this rank's line, then the job is aborted, so that peers
+    waiting for this rank in a collective end too."""
+    if exc.shared:
+        if run.is_main:
+            console.line(exc.report(run.rank), sys.stderr)
+        sys.exit(exc.exit_code)
+    console.line(exc.report(run.rank), sys.stderr)
     if run.world_size > 1:
         from mpmp.comm.mpi import abort_world
 
         abort_world(exc.exit_code)
-    sys.stderr.flush()
     sys.exit(exc.exit_code)
 
 

@@ -1,6 +1,12 @@
 """Shared test helpers: float64 finite differences for the backward tests; for the parallel-equals-
 one-process tests, random interchange weights, single-process references, and gathering any
-layout's shards back into full tensors."""
+layout's shards back into full tensors; for the command-line tests, `python -m mpmp.train` run as a
+user runs it, with or without mpirun."""
+
+import os
+import shutil
+import subprocess
+import sys
 
 import numpy
 
@@ -154,3 +160,25 @@ def gpt2_reference_loss(w: dict, inputs, targets, heads: int) -> float:
     logits -= logits.max(-1, keepdims=True)
     logp = logits - numpy.log(numpy.exp(logits).sum(-1, keepdims=True))
     return float(-numpy.take_along_axis(logp, targets[..., None], -1).mean())
+
+
+# ---- the command line, as a user runs it ---------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MPIRUN = shutil.which("mpirun") or shutil.which("mpiexec")
+
+
+def clean_env(**extra) -> dict:
+    """The environment of a plain `python -m mpmp.train`, even when pytest itself runs under mpirun;
+    unbuffered, as the issue's runs were (lines of different ranks must not merge)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPI_", "HYDRA_", "OMPI_", "PMIX_"))}
+    env.update(PYTHONPATH=ROOT, PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def run_train(*args, n=1, timeout=120, env=None) -> subprocess.CompletedProcess:
+    """`python -m mpmp.train ARGS` on one process, or under `mpirun -n N`."""
+    cmd = ([MPIRUN, "-n", str(n)] if n > 1 else []) + [sys.executable, "-m", "mpmp.train", *args]
+    return subprocess.run(
+        cmd, cwd=ROOT, env=env or clean_env(), capture_output=True, text=True, timeout=timeout, check=False
+    )

@@ -2,14 +2,18 @@
 
 CuPy arrays go to MPI as device buffers when the MPI library is CUDA-aware (after synchronising the
 stream that produced them), otherwise through page-locked (pinned) host buffers from a pool, reused
-by size from step to step; `cuda_aware()` says which, and start-up prints it. Also here: `abort_on_exception`, which turns an uncaught exception on any rank into
-"rank R: <error>" and MPI_Abort, so one failing rank ends the job instead of hanging it.
+by size from step to step; `cuda_aware()` says which, and start-up prints it. Also here:
+`abort_on_exception`, which turns an uncaught exception on any rank into "rank R: <error>" and
+MPI_Abort, so one failing rank ends the job instead of hanging it, and `report_interrupts`, which does
+the same for SIGINT (mpirun forwards Ctrl-C to every rank).
 """
 
 import ctypes
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 
@@ -226,20 +230,53 @@ def abort_on_exception():
     """Make an uncaught exception on any rank abort the whole job with that rank's message.
 
     Without this, the failing rank exits while its peers wait forever in their next collective.
-    MpmpError (bad input) prints one line; anything else prints its traceback first.
+    MpmpError (bad input) prints one line; anything else prints its traceback after it, in the same
+    write (the rank's line first: when the job is aborted, the launcher may drop what comes last).
     """
     from mpmp.errors import MpmpError
 
     def hook(exc_type, exc, tb):
         rank = MPI().COMM_WORLD.Get_rank() if _MPI is not None else 0
-        # The rank's line first: when the job is aborted, the launcher may drop what comes last.
-        sys.stderr.write(f"rank {rank}: {exc_type.__name__}: {exc}\n")
-        sys.stderr.flush()
+        text = f"rank {rank}: {exc_type.__name__}: {exc}\n"
         if issubclass(exc_type, MpmpError):
             code = exc.exit_code
         else:
-            traceback.print_exception(exc_type, exc, tb, file=sys.stderr)
+            text += "".join(traceback.format_exception(exc_type, exc, tb))
             code = 1
+        sys.stderr.write(text)
         abort_world(code)
 
     sys.excepthook = hook
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a process ended by Ctrl-C
+
+
+def interrupted_line(rank: int) -> str:
+    return f"rank {rank}: interrupted by SIGINT; stopped without saving a checkpoint (exit code {EXIT_INTERRUPTED})"
+
+
+def report_interrupts(rank: int):
+    """On SIGINT, this rank prints one line (no KeyboardInterrupt traceback) and the job ends with
+    EXIT_INTERRUPTED. Call from the main thread.
+
+    Python runs signal handlers in the main thread only, between bytecodes: never while it is blocked
+    inside an MPI call, so a rank waiting in a collective for a peer would say nothing until an abort
+    killed it. But the C-level handler, whichever thread the signal reaches (BLAS's threads too),
+    writes the signal's number to the wakeup fd: a thread reading that fd reports and aborts. The
+    Python-level handler itself does nothing."""
+    import socket
+
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    signal.signal(signal.SIGINT, lambda *_: None)
+    signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+
+    def wait():
+        while reader.recv(1) != bytes([signal.SIGINT]):
+            pass  # another signal with a Python handler (the preemption signal): the main thread's
+        sys.stderr.write(interrupted_line(rank) + "\n")
+        abort_world(EXIT_INTERRUPTED)
+
+    threading.Thread(target=wait, name="mpmp-sigint", daemon=True).start()
+    return reader, writer  # keep both ends open for the life of the process

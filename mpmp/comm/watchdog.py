@@ -3,9 +3,13 @@
 A daemon thread looks at the operations this rank is blocked in (a collective, or the wait() of a
 non-blocking one: a send left in flight while the rank computes is not a hang). When one has waited
 longer than the timeout, the rank prints what it is waiting for and the last completed operation (sequence number,
-kind, model scope) of every group. The ranks then compare notes over a communicator of their own,
-with a bounded wait: a rank whose operation in some group differs from its peers' (another kind or
-another sequence number) is named as desynchronised. Then the job is aborted.
+kind, model scope) of every group. The ranks whose watchdogs fired then compare notes over a
+communicator of their own, point to point with a bounded wait, so that ranks that never report do not
+stop the others: a rank that does not report is waiting in no communication (computing, hung outside
+MPI, or dead), which is what the others wait for, and is named as stalled; a rank whose operation in
+some group differs from its peers' (another kind or another sequence number) is named as
+desynchronised. The lowest reporting rank prints that report, whichever rank stalled. Then the job is
+aborted.
 """
 
 import json
@@ -62,51 +66,83 @@ class Watchdog:
             f"after {waited:.0f} s; last completed per group: {done or 'none'}\n"
         )
         sys.stderr.flush()
-        report = self._exchange({"group": group, "seq": seq, "kind": kind})
-        if report and self.rank == 0:
-            sys.stderr.write(report + "\n")
+        states = self._exchange({"group": group, "seq": seq, "kind": kind})
+        if self.rank == min(states):  # the lowest rank that reported speaks for all
+            sys.stderr.write(exchange_report(states, self.comm.Get_size()) + "\n")
+        sys.stderr.flush()
         from mpmp.comm.mpi import abort_world
 
         abort_world(EXIT_WATCHDOG, self.comm)
 
-    def _exchange(self, mine):
-        """All ranks' stuck operations, gathered with a bounded wait; the desync report (rank 0)."""
+    def _exchange(self, mine) -> dict:
+        """{rank: its stuck operation} of the ranks whose watchdog fired, this one included: each sends
+        its state to every peer and collects what the peers send until all have, or for
+        exchange_wait seconds. Point to point, so a rank that never reports stops nobody."""
         from mpi4py import MPI
 
         size = self.comm.Get_size()
-        payload = json.dumps(mine).encode().ljust(256)[:256]
-        send = numpy.frombuffer(payload, dtype=numpy.uint8).copy()
-        recv = numpy.zeros(256 * size, dtype=numpy.uint8)
-        req = self.comm.Iallgather([send, MPI.BYTE], [recv, MPI.BYTE])
-        deadline = time.time() + self.exchange_wait
-        while not req.Test():
-            if time.time() > deadline:
-                return f"rank {self.rank}: not every rank reached the watchdog exchange (a rank may have died)"
+        payload = numpy.frombuffer(json.dumps(mine).encode().ljust(_STATE_BYTES)[:_STATE_BYTES], numpy.uint8).copy()
+        peers = [r for r in range(size) if r != self.rank]
+        inbox = {r: numpy.zeros(_STATE_BYTES, dtype=numpy.uint8) for r in peers}
+        receives = {r: self.comm.Irecv([inbox[r], MPI.BYTE], source=r, tag=_TAG) for r in peers}
+        # never waited for (a stalled peer may never receive them); kept alive until the abort
+        self._sends = [self.comm.Isend([payload, MPI.BYTE], dest=r, tag=_TAG) for r in peers]
+        states = {self.rank: mine}
+        deadline = time.monotonic() + self.exchange_wait
+        while receives and time.monotonic() < deadline:
+            for r in [r for r, req in receives.items() if req.Test()]:
+                states[r] = json.loads(bytes(inbox[r]).decode().strip())
+                del receives[r]
             time.sleep(0.05)
-        states = [json.loads(bytes(recv[i * 256 : (i + 1) * 256]).decode().strip()) for i in range(size)]
+        return states
+
+
+_STATE_BYTES = 256  # one rank's stuck operation, as padded JSON
+_TAG = 7  # the watchdog's own communicator carries nothing else
+
+
+def exchange_report(states: dict, size: int) -> str:
+    """The job's report from the stuck operations of the ranks that reported ({rank: state}): first
+    the ranks that did not (stalled outside any communication), then desync_report's findings."""
+    silent = [r for r in range(size) if r not in states]
+    if not silent:
         return desync_report(states)
+    who = f"rank {silent[0]}" if len(silent) == 1 else "ranks " + ", ".join(map(str, silent))
+    line = (
+        f"stalled: {who} did not report to the watchdog: not waiting in any communication (computing, "
+        f"hung outside MPI, or dead), so the ranks that wait for {'it' if len(silent) == 1 else 'them'} cannot go on"
+    )
+    odd = _odd_ranks(states)
+    return "\n".join([line, *odd])
 
 
-def desync_report(states) -> str:
-    """Name the ranks whose stuck operation differs from the majority of their group's members."""
-    lines = []
-    by_group = {}
-    for rank, st in enumerate(states):
+def _odd_ranks(states: dict) -> list[str]:
+    """A line per rank whose stuck operation differs from the majority of its group's members."""
+    lines, by_group = [], {}
+    for rank, st in sorted(states.items()):
         by_group.setdefault(st["group"], []).append((rank, st["kind"], st["seq"]))
     for group, members in sorted(by_group.items()):
         votes = {}
         for _, kind, seq in members:
             votes[(kind, seq)] = votes.get((kind, seq), 0) + 1
         majority = max(votes, key=votes.get)
-        odd = [(r, k, s) for r, k, s in members if (k, s) != majority]
-        for r, k, s in odd:
-            lines.append(
-                f"desync: rank {r} is in {k} #{s} on group {group} while its peers are in {majority[0]} #{majority[1]}"
-            )
-    kinds = {(st["kind"], st["seq"]) for st in states}
+        for r, k, s in members:
+            if (k, s) != majority:
+                lines.append(
+                    f"desync: rank {r} is in {k} #{s} on group {group} while its peers are in {majority[0]} #{majority[1]}"
+                )
+    return lines
+
+
+def desync_report(states) -> str:
+    """Name the ranks whose stuck operation differs from the majority of their group's members.
+    states: {rank: state}, or a list of every rank's state."""
+    states = dict(enumerate(states)) if isinstance(states, list) else states
+    lines = _odd_ranks(states)
+    kinds = {(st["kind"], st["seq"]) for st in states.values()}
     if not lines and len(kinds) > 1:
         lines.append(
             "stuck operations: "
-            + "; ".join(f"rank {r}: {st['kind']} on {st['group']} #{st['seq']}" for r, st in enumerate(states))
+            + "; ".join(f"rank {r}: {st['kind']} on {st['group']} #{st['seq']}" for r, st in sorted(states.items()))
         )
     return "\n".join(lines) if lines else "every rank waits in the same operation (a peer outside it may have stopped)"
