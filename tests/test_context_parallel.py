@@ -1,0 +1,219 @@
+"""Context parallelism (--cp): the grid's fourth axis, the load-balanced sequence split, ring attention
+(its block kernels against finite differences, the whole ring against the dense kernel in float64, on
+a ring simulated by threads), every cp layout training like one process, the ring's traffic in the
+ledger, checkpoints that reshard across cp, and the attention term of activation memory."""
+
+import json
+from dataclasses import replace
+
+import numpy
+import pytest
+from helpers import (
+    ThreadRing,
+    gather_full,
+    make_data,
+    numerical_grad,
+    random_weights,
+    reference_run,
+    rel_error,
+    train_config,
+)
+
+from mpmp.comm import ledger
+from mpmp.comm.grid import Coord, check_layout, context_chunks, coord_of, layout_ranks, world_rank
+from mpmp.config import ModelConfig, validate
+from mpmp.data import context_positions
+from mpmp.errors import ConfigError
+from mpmp.nn import functional as F
+from mpmp.nn import ring as R
+from mpmp.pipeline.engine import nbytes
+
+# ---- the grid: tp fastest, then cp, then dp, then pp -----------------------------------------------
+
+
+@pytest.mark.parametrize("tp,cp,dp,pp", [(1, 2, 1, 1), (2, 2, 2, 1), (1, 4, 2, 1), (2, 2, 1, 2), (3, 2, 2, 2)])
+def test_rank_formula_puts_cp_between_tp_and_dp(tp, cp, dp, pp):
+    seen = set()
+    for r, c in layout_ranks(tp, pp, dp, cp):
+        assert world_rank(c, tp, dp, cp) == r
+        assert r == c.tp + tp * (c.cp + cp * (c.dp + dp * c.pp))  # Megatron's order
+        seen.add((c.tp, c.cp, c.dp, c.pp))
+    assert len(seen) == tp * cp * dp * pp
+    assert coord_of(tp, tp, dp, cp) == Coord(dp=0, pp=0, tp=0, cp=1)  # after the tp ranks, the next cp rank
+
+
+@pytest.mark.parametrize("tp,dp,pp", [(2, 2, 2), (4, 2, 1), (1, 8, 1), (3, 2, 2)])
+def test_cp_1_keeps_every_rank_where_it_was(tp, dp, pp):
+    for r, c in layout_ranks(tp, pp, dp):
+        assert c == coord_of(r, tp, dp, 1) and c.cp == 0
+        assert (c.tp, c.dp, c.pp) == (r % tp, (r // tp) % dp, r // (tp * dp))
+
+
+def test_world_size_must_hold_the_cp_ranks():
+    assert check_layout(8, 2, 1, cp=2) == 2
+    with pytest.raises(ConfigError, match=r"world size \(6\) must be divisible by tp\*pp\*cp \(1\*1\*4 = 4\)"):
+        check_layout(6, 1, 1, cp=4)
+    with pytest.raises(ConfigError, match="--cp must be at least 1"):
+        check_layout(4, 1, 1, cp=0)
+
+
+# ---- the sequence split ------------------------------------------------------------------------------
+
+
+def test_rank_r_holds_chunks_r_and_2cp_minus_1_minus_r():
+    assert [context_chunks(r, 4) for r in range(4)] == [(0, 7), (1, 6), (2, 5), (3, 4)]
+    assert context_positions(8, 0, 2).tolist() == [0, 1, 6, 7]
+    assert context_positions(8, 1, 2).tolist() == [2, 3, 4, 5]
+    every = numpy.sort(numpy.concatenate([context_positions(32, r, 4) for r in range(4)]))
+    assert every.tolist() == list(range(32))
+
+
+@pytest.mark.parametrize("cp", [2, 4, 8])
+def test_every_cp_rank_does_the_same_attention_work(cp):
+    """Under the causal mask query i sees i + 1 keys: each rank's two chunks sum to the same count."""
+    s = 16 * cp
+    work = [int(sum(p + 1 for p in context_positions(s, r, cp))) for r in range(cp)]
+    assert len(set(work)) == 1
+
+
+CFG = ModelConfig(vocab=37, seq_len=16, d_model=16, layers=2, heads=4)
+
+
+def test_seq_len_must_split_into_2cp_chunks_with_the_numbers_in_the_message():
+    with pytest.raises(ConfigError, match=r"--cp 4 needs --seq-len \(12\) divisible by 2\*cp \(8\)"):
+        validate(train_config(replace(CFG, seq_len=12), cp=4, global_batch=8))
+    msg = r"--sequence-parallel with --cp 2 needs seq-len/cp \(12/2 = 6\) divisible by --tp \(4\)"
+    with pytest.raises(ConfigError, match=msg):
+        validate(train_config(replace(CFG, seq_len=12), cp=2, tp=4, sequence_parallel=True, global_batch=8))
+    validate(train_config(CFG, cp=4, global_batch=8))  # 16 = 2*4 chunks of 2
+
+
+# ---- the block kernels: float64 finite differences ---------------------------------------------------
+
+
+def test_block_mask_follows_the_chunk_order():
+    assert F.block_mask(3, 1) == F.FULL
+    assert F.block_mask(2, 2) == F.DIAGONAL
+    assert F.block_mask(1, 3) is None
+
+
+@pytest.mark.parametrize("keep_probs", [True, False], ids=["kept", "rebuilt"])
+def test_block_kernels_match_finite_differences(keep_probs):
+    """One query chunk against an earlier key chunk (full) and its own (diagonal), combined by the
+    online softmax; d(sum(out * w)) against central differences in float64."""
+    rng = numpy.random.default_rng(0)
+    b, h, c, hd = 1, 2, 3, 4
+    qs, k0, v0, k1, v1 = (rng.standard_normal((b, h, c, hd)) for _ in range(5))
+    w = rng.standard_normal((b, h, c, hd))
+
+    def forward():
+        stats, p0, m0 = F.attention_block_forward(qs, k0, v0, None, F.FULL)
+        stats, p1, m1 = F.attention_block_forward(qs, k1, v1, stats, F.DIAGONAL)
+        out, lse = F.attention_blocks_finish(stats)
+        return out, lse, (p0, m0), (p1, m1)
+
+    out, lse, (p0, m0), (p1, m1) = forward()
+    delta = F.attention_delta(w, out)
+    kept = [F.normalize_block_probs(p, m, lse) if keep_probs else None for p, m in ((p0, m0), (p1, m1))]
+    dq0, dk0, dv0 = F.attention_block_backward(w, delta, qs, k0, v0, lse, mask=F.FULL, p=kept[0])
+    dq1, dk1, dv1 = F.attention_block_backward(w, delta, qs, k1, v1, lse, mask=F.DIAGONAL, p=kept[1])
+
+    def loss():
+        return float((forward()[0] * w).sum())
+
+    for analytic, x in ((dq0 + dq1, qs), (dk0, k0), (dv0, v0), (dk1, k1), (dv1, v1)):
+        assert rel_error(analytic, numerical_grad(loss, x)) < 1e-8
+
+
+# ---- the ring against the dense kernel, on a ring of threads -----------------------------------------
+
+
+def ring_attention(q, k, v, dout, cp, keep_probs=True):
+    """Ring attention over cp simulated ranks, each given its positions of the [B, H, T, hd] inputs;
+    (out, dq, dk, dv) put back in sequence order, and each rank's sends."""
+    t = q.shape[-2]
+    positions = [context_positions(t, r, cp) for r in range(cp)]
+    ring = ThreadRing(cp)
+
+    def rank(group):
+        pos = positions[group.rank]
+        out, cache = R.ring_attention_forward(q[..., pos, :], k[..., pos, :], v[..., pos, :], group, keep_probs=keep_probs)
+        return (out, *R.ring_attention_backward(numpy.ascontiguousarray(dout[..., pos, :]), cache, group))
+
+    results = ring.run(rank)
+    full = [numpy.zeros_like(q) for _ in range(4)]
+    for pos, parts in zip(positions, results):
+        for f, part in zip(full, parts):
+            f[..., pos, :] = part
+    return full, [m.sent for m in ring.members]
+
+
+@pytest.mark.parametrize("cp", [1, 2, 4])
+@pytest.mark.parametrize("heads,hd", [(4, 8), (3, 5)], ids=["4-heads", "3-heads-hd5"])
+@pytest.mark.parametrize("keep_probs", [True, False], ids=["kept", "rebuilt"])
+def test_ring_attention_equals_the_dense_kernel_in_float64(cp, heads, hd, keep_probs):
+    rng = numpy.random.default_rng(cp * 10 + heads)
+    q, k, v, dout = (rng.standard_normal((2, heads, 8 * cp, hd)) for _ in range(4))
+    out, cache = F.attention_forward(q, k, v)
+    want = (out, *F.attention_backward(dout.copy(), cache))
+    got, _ = ring_attention(q, k, v, dout, cp, keep_probs)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert rel_error(g, w) < 1e-12, name
+
+
+def test_ring_attention_backward_matches_finite_differences():
+    rng = numpy.random.default_rng(5)
+    q, k, v, w = (rng.standard_normal((1, 2, 8, 3)) for _ in range(4))
+    (_, dq, dk, dv), _ = ring_attention(q, k, v, w, 2)
+
+    def loss():
+        return float((ring_attention(q, k, v, w, 2)[0][0] * w).sum())
+
+    for analytic, x in ((dq, q), (dk, k), (dv, v)):
+        assert rel_error(analytic, numerical_grad(loss, x)) < 1e-8
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_each_rank_sends_its_kv_cp_minus_1_times_forward_and_again_with_the_gradients_backward(cp):
+    b, h, t, hd = 2, 3, 8 * cp, 4
+    rng = numpy.random.default_rng(1)
+    q, k, v, dout = (rng.standard_normal((b, h, t, hd)) for _ in range(4))
+    _, sent = ring_attention(q, k, v, dout, cp)
+    kv_bytes = 2 * b * h * (t // cp) * hd * 8  # K and V of this rank's two chunks, float64
+    for rank_sent in sent:
+        assert sorted(rank_sent) == [("send", R.KV_TAG, kv_bytes)] * 2 * (cp - 1) + [("send", R.DKV_TAG, kv_bytes)] * (cp - 1)
+
+
+def core_cache_bytes(cp, keep_probs, b=2, h=4, s=64, hd=8):
+    """Bytes of one rank's attention-core cache (rank 0) for a [b, h, s, hd] float64 problem."""
+    rng = numpy.random.default_rng(0)
+    q, k, v = (rng.standard_normal((b, h, s, hd)) for _ in range(3))
+    if cp == 1:
+        return nbytes(F.attention_forward(q, k, v, keep_probs=keep_probs)[1])
+    pos = [context_positions(s, r, cp) for r in range(cp)]
+    caches = ThreadRing(cp).run(
+        lambda g: R.ring_attention_forward(
+            q[..., pos[g.rank], :], k[..., pos[g.rank], :], v[..., pos[g.rank], :], g, keep_probs=keep_probs
+        )[1]
+    )
+    sizes = {nbytes(c) for c in caches}
+    assert len(sizes) == 1  # the same on every rank: the load balance
+    return sizes.pop()
+
+
+@pytest.mark.parametrize("cp", [2, 4, 8])
+def test_the_attention_term_of_activation_memory_falls_as_1_over_cp(cp):
+    """Dense: q, k, v and the [s, s] probabilities. Ring, per rank: q, K|V, out (s/cp rows each), the
+    log-sum-exp, and the (2cp + 1) kept blocks of (s/2cp)^2 probabilities: (2cp+1)/(4cp^2) of the
+    dense s^2, at most 1/cp of it; with selective recomputation none."""
+    b, h, s, hd, item = 2, 4, 64, 8, 8
+    dense = core_cache_bytes(1, True)
+    assert dense == item * b * h * (3 * s * hd + s * s)
+    c = s // (2 * cp)
+    linear = item * b * h * (4 * (s // cp) * hd + s // cp)  # qs, K|V, out; lse
+    attention = item * b * h * (2 * cp + 1) * c * c
+    assert core_cache_bytes(cp, True) == linear + attention
+    assert core_cache_bytes(cp, False) == linear
+    assert attention <= item * b * h * s * s / cp
+
+
