@@ -3,6 +3,11 @@
 a ring simulated by threads), every cp layout training like one process, the ring's traffic in the
 ledger, checkpoints that reshard across cp, and the attention term of activation memory."""
 
+import json
+import os
+import shutil
+import subprocess
+import sys
 from dataclasses import replace
 
 import numpy
@@ -378,3 +383,53 @@ def test_ring_traffic_in_the_ledger_is_the_formula(comm_of, cp, tp, recompute):
         assert {e.nbytes for e in events} == {message}
         assert {e.label for e in events} == {f"h.{i}" for i in range(TRAIN.layers)}
     assert sum(e.nbytes for e in ring if e.kind == "send") == TRAIN.layers * m * per_block * message
+
+
+# ---- the command line and checkpoints across cp ------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MPIRUN = shutil.which("mpirun") or shutil.which("mpiexec")
+TINY = ["--d-model", "32", "--layers", "2", "--heads", "4", "--seq-len", "16", "--global-batch", "8", "--quiet"]
+
+
+def run_train(args, n=1, timeout=180):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPI_", "HYDRA_", "OMPI_", "PMIX_"))}
+    env["PYTHONPATH"] = ROOT
+    cmd = ([MPIRUN, "-n", str(n)] if n > 1 else []) + [sys.executable, "-m", "mpmp.train", *TINY, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def metric_losses(path):
+    return [json.loads(line)["loss"] for line in open(path)]
+
+
+def test_cp_that_the_world_cannot_hold_is_one_clear_error():
+    proc = run_train(["--cp", "2", "--steps", "1"])
+    assert proc.returncode == 2, proc.stderr
+    assert "world size (1) must be divisible by tp*pp*cp (1*1*2 = 2)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(MPIRUN is None, reason="no mpirun")
+def test_checkpoints_reshard_across_cp(tmp_path):
+    """One process for 6 steps against: cp2 x dp2 with ZeRO-1 for 3 steps (written once per
+    distinct shard), resumed on cp4 to 5, then on tp2 x dp2 (cp 1) to 6; the banner prints the grid."""
+    m = tmp_path / "m.jsonl"
+    whole = run_train(["--steps", "6", "--metrics", str(tmp_path / "whole.jsonl")])
+    assert whole.returncode == 0, whole.stderr
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    steps = [
+        (["--cp", "2", "--tp", "1", "--zero", "1", "--steps", "3", "--save", str(a)], a),
+        (["--cp", "4", "--steps", "5", "--resume", str(a), "--save", str(b)], b),
+        (["--tp", "2", "--steps", "6", "--resume", str(b), "--save", str(c)], c),
+    ]
+    for args, _ in steps:
+        proc = run_train([*args, "--metrics", str(m)], n=4)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    numpy.testing.assert_allclose(metric_losses(m), metric_losses(tmp_path / "whole.jsonl"), rtol=1e-5)
+    step_dir = next(a.glob("step_*"))
+    manifest = json.load(open(step_dir / "manifest.json"))
+    assert (manifest["layout"]["cp"], manifest["layout"]["dp"], manifest["layout"]["zero"]) == (2, 2, 1)
+    # ZeRO-1 over dp x cp: every rank's slice of the optimizer state; the weights once per (tp, pp)
+    assert sorted(manifest["files"]) == ["model_tp0_pp0.npz"] + [f"optim_rank{r}.npz" for r in range(4)]
+    assert json.load(open(next(b.glob("step_*")) / "manifest.json"))["layout"]["cp"] == 4

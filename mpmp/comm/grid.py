@@ -173,8 +173,8 @@ class ProcessGrid:
                 if self.cp == 1:
                     lines.append(f"  stage {p} replica {d}: ranks {self.members(pp=p, dp=d)}")
                     continue
-                rings = ", ".join(f"cp {k} {self.members(pp=p, dp=d, cp=k)}" for k in range(self.cp))
-                lines.append(f"  stage {p} replica {d}: ranks by cp rank {rings}")
+                rings = ", ".join(f"{self.members(pp=p, dp=d, cp=k)} (cp {k})" for k in range(self.cp))
+                lines.append(f"  stage {p} replica {d}: ranks {rings}")
         return "\n".join(lines)
 
 
