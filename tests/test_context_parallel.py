@@ -433,3 +433,25 @@ def test_checkpoints_reshard_across_cp(tmp_path):
     # ZeRO-1 over dp x cp: every rank's slice of the optimizer state; the weights once per (tp, pp)
     assert sorted(manifest["files"]) == ["model_tp0_pp0.npz"] + [f"optim_rank{r}.npz" for r in range(4)]
     assert json.load(open(next(b.glob("step_*")) / "manifest.json"))["layout"]["cp"] == 4
+
+
+@pytest.mark.mpi(min_size=2)
+def test_bench_cp_measures_the_attention_term_of_its_formula(tmp_path, capsys):
+    from mpi4py import MPI
+
+    from mpmp.bench import cp as bench
+
+    out = tmp_path / "cp.json"
+    args = ["--seq-len", "64", "--d-model", "32", "--heads", "4", "--steps", "1", "--warmup", "0", "--json", str(out)]
+    assert bench.main(args) == 0
+    if MPI.COMM_WORLD.Get_rank() != 0:
+        return
+    size = MPI.COMM_WORLD.Get_size()
+    results = json.load(open(out))["results"]
+    assert {"one rank", f"cp {size}"} <= set(results)
+    for name, row in results.items():
+        assert row["attention_core_bytes"] == row["attention_formula_bytes"], name
+    one, ring = results["one rank"], results[f"cp {size}"]
+    assert ring["attention_core_bytes"] < one["attention_core_bytes"] / size
+    assert ring["ring_hops_per_step"] == 3 * (size - 1) * 2  # per block, 2 blocks
+    assert "overlap" in capsys.readouterr().out
