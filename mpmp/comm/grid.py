@@ -197,7 +197,6 @@ class LocalGrid:
     is_first_stage = is_last_stage = True
     members = ProcessGrid.members
     describe = ProcessGrid.describe
-    _rank = ProcessGrid._rank
 
 
 def MPI_UNDEFINED():
