@@ -117,3 +117,61 @@ class TokenData:
         """This data-parallel replica's consecutive share of the step's B sequences."""
         share = global_batch // dp
         return self.batch(step, global_batch, dp_rank * share, share)
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m mpmp.data prepare: text -> a nanoGPT-style .bin token file
+# ---------------------------------------------------------------------------------------------
+
+UINT16_VOCAB = 2**16  # a .bin file holds uint16 tokens: ids 0 .. 65535
+
+
+def prepare(src: str, dst: str, tokenizer_path: str | None = None) -> int:
+    """Tokenize the UTF-8 text file src and write its ids to dst as little-endian uint16 (docs/data.md's
+    .bin format), atomically. Returns the number of tokens."""
+    from mpmp.checkpoint import atomic_write_bytes
+    from mpmp.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_path)
+    if tokenizer.vocab_size > UINT16_VOCAB:
+        raise DataError(
+            f"{tokenizer.name}: a vocabulary of {tokenizer.vocab_size} tokens does not fit a .bin file's uint16 "
+            f"tokens (at most {UINT16_VOCAB})"
+        )
+    try:
+        with open(src, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{src}: cannot read it as UTF-8 text ({exc})") from None
+    ids = numpy.asarray(tokenizer.encode(text), dtype="<u2")
+    try:
+        atomic_write_bytes(dst, ids.tobytes())
+    except OSError as exc:
+        raise DataError(f"{dst}: cannot write ({exc.strerror or exc})") from None
+    return int(ids.size)
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    from mpmp.errors import MpmpError
+
+    parser = argparse.ArgumentParser(prog="python -m mpmp.data", description="Token files for --data.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="tokenize a UTF-8 text file into a .bin file of uint16 tokens (nanoGPT's)")
+    p.add_argument("--tokenizer", default=None, help="a Hugging Face tokenizer.json (default: bytes, vocabulary 256)")
+    p.add_argument("src", metavar="IN.txt", help="the text to tokenize (UTF-8)")
+    p.add_argument("dst", metavar="OUT.bin", help="the token file to write")
+    args = parser.parse_args(argv)
+    try:
+        n = prepare(args.src, args.dst, args.tokenizer)
+    except MpmpError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(f"{args.src} -> {args.dst}: {n} tokens")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

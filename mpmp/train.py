@@ -157,7 +157,7 @@ class Run:
             print(*msg, flush=True)
 
 
-def make_config(run: Run, data_vocab: int, init_cfg: ModelConfig | None) -> TrainConfig:
+def make_config(run: Run, data_vocab: int, init_cfg: ModelConfig | None, *, init_source="--init-from") -> TrainConfig:
     from mpmp.comm.grid import check_layout
 
     args = run.args
@@ -178,7 +178,7 @@ def make_config(run: Run, data_vocab: int, init_cfg: ModelConfig | None) -> Trai
         recompute=args.recompute,
     )
     training = {k: getattr(args, k) for k in _TRAINING_FLAGS}
-    return TrainConfig(model=_model_config(run, data_vocab, init_cfg), parallel=par, **training)
+    return TrainConfig(model=_model_config(run, data_vocab, init_cfg, init_source), parallel=par, **training)
 
 
 _TRAINING_FLAGS = (
@@ -198,8 +198,8 @@ _TRAINING_FLAGS = (
 )
 
 
-def _model_config(run: Run, data_vocab: int, init_cfg: ModelConfig | None) -> ModelConfig:
-    """The model of the flags, or the one of the weights we start from (flags given must agree)."""
+def _model_config(run: Run, data_vocab: int, init_cfg: ModelConfig | None, source: str) -> ModelConfig:
+    """The model of the flags, or the one of the weights we start from, named `source` (flags given must agree)."""
     args = run.args
     if init_cfg is None:
         return ModelConfig(
@@ -209,7 +209,6 @@ def _model_config(run: Run, data_vocab: int, init_cfg: ModelConfig | None) -> Mo
             layers=args.layers,
             heads=args.heads,
         )
-    source = "the checkpoint" if args.resume else "--init-from"
     for flag, mine, theirs in (
         ("--d-model", args.d_model, init_cfg.d_model),
         ("--layers", args.layers, init_cfg.layers),
@@ -231,20 +230,20 @@ class Start:
 
 
 def prepare(run: Run) -> Start:
-    from mpmp import checkpoint
+    from mpmp import weights
     from mpmp.data import TokenData, load_tokens
     from mpmp.model.gpt import random_source
 
     args = run.args
     backend.use(args.backend, local_rank())
-    if args.init_from and args.resume:
-        raise ConfigError("--init-from and --resume exclude each other (a checkpoint already holds the weights)")
+    if args.init_from and args.resume and args.resume != "auto":
+        raise ConfigError("--init-from and --resume DIR exclude each other (a checkpoint already holds the weights)")
     resume = _load_resume(run) if args.resume else None
     init_cfg, init_arrays = (resume["model"], resume["params"]) if resume else (None, None)
-    if args.init_from:
-        init_cfg, init_arrays = checkpoint.load_interchange(args.init_from, args.heads)
+    if args.init_from and not resume:  # with --resume auto: only while nothing is saved yet (fine-tuning)
+        init_cfg, init_arrays = weights.load(args.init_from, args.heads if run.given("--heads") else None)
     tokens, data_vocab = load_tokens(args.data)
-    cfg = make_config(run, data_vocab, init_cfg)
+    cfg = make_config(run, data_vocab, init_cfg, init_source="the checkpoint" if resume else "--init-from")
     validate(cfg, run.world_size)
     data = TokenData(tokens, cfg.seq_len, cfg.model.vocab, args.data_order, cfg.seed, args.data or "built-in corpus")
     source = init_arrays.__getitem__ if init_arrays is not None else random_source(cfg.model, cfg.seed)

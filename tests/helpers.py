@@ -196,3 +196,45 @@ class _RingMember:
 
     def batch_isend_irecv(self, ops):
         return [self.isend(a, p, t) if kind == "send" else self.irecv(a, p, t) for kind, a, p, t in ops]
+
+
+def gpt2_reference_logits(w: dict, inputs, heads: int) -> numpy.ndarray:
+    """GPT-2 as docs/interchange.md defines it, in float64 NumPy, from interchange tensors ([in, out]
+    weights): the logits [B, S, V] of token ids [B, S]."""
+    w = {k: v.astype(numpy.float64) for k, v in w.items()}
+    b, s = inputs.shape
+    d = w["wte.weight"].shape[1]
+    hd = d // heads
+
+    def ln(x, name):
+        mu = x.mean(-1, keepdims=True)
+        var = ((x - mu) ** 2).mean(-1, keepdims=True)
+        return (x - mu) / numpy.sqrt(var + 1e-5) * w[name + ".weight"] + w[name + ".bias"]
+
+    def gelu(x):
+        return 0.5 * x * (1 + numpy.tanh(numpy.sqrt(2 / numpy.pi) * (x + 0.044715 * x**3)))
+
+    x = w["wte.weight"][inputs] + w["wpe.weight"][:s]
+    layers = sum(1 for k in w if k.endswith(".ln_1.weight"))
+    causal = numpy.tril(numpy.ones((s, s), dtype=bool))
+    for i in range(layers):
+        p = f"h.{i}."
+        qkv = ln(x, p + "ln_1") @ w[p + "attn.c_attn.weight"] + w[p + "attn.c_attn.bias"]
+        q, k, v = (t.reshape(b, s, heads, hd).transpose(0, 2, 1, 3) for t in numpy.split(qkv, 3, axis=-1))
+        att = q @ k.transpose(0, 1, 3, 2) / numpy.sqrt(hd)
+        att = numpy.where(causal, att, -numpy.inf)
+        att = numpy.exp(att - att.max(-1, keepdims=True))
+        att /= att.sum(-1, keepdims=True)
+        y = (att @ v).transpose(0, 2, 1, 3).reshape(b, s, d)
+        x = x + y @ w[p + "attn.c_proj.weight"] + w[p + "attn.c_proj.bias"]
+        h = gelu(ln(x, p + "ln_2") @ w[p + "mlp.c_fc.weight"] + w[p + "mlp.c_fc.bias"])
+        x = x + h @ w[p + "mlp.c_proj.weight"] + w[p + "mlp.c_proj.bias"]
+    return ln(x, "ln_f") @ w["wte.weight"].T
+
+
+def gpt2_reference_loss(w: dict, inputs, targets, heads: int) -> float:
+    """The mean cross-entropy of gpt2_reference_logits against targets [B, S]."""
+    logits = gpt2_reference_logits(w, inputs, heads)
+    logits -= logits.max(-1, keepdims=True)
+    logp = logits - numpy.log(numpy.exp(logits).sum(-1, keepdims=True))
+    return float(-numpy.take_along_axis(logp, targets[..., None], -1).mean())

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy
 import pytest
+from helpers import gpt2_reference_loss
 
 from mpmp import checkpoint
 from mpmp.comm.grid import LocalGrid
@@ -322,42 +323,6 @@ def test_export_into_a_missing_folder_exits_2_with_one_line(trained, tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and str(tmp_path / "no-such-folder") in lines[0], proc.stderr
-
-
-def gpt2_reference_loss(w: dict, inputs, targets, heads: int) -> float:
-    """GPT-2 as docs/interchange.md defines it, in float64 NumPy, from interchange tensors ([in, out] weights)."""
-    w = {k: v.astype(numpy.float64) for k, v in w.items()}
-    b, s = inputs.shape
-    d = w["wte.weight"].shape[1]
-    hd = d // heads
-
-    def ln(x, name):
-        mu = x.mean(-1, keepdims=True)
-        var = ((x - mu) ** 2).mean(-1, keepdims=True)
-        return (x - mu) / numpy.sqrt(var + 1e-5) * w[name + ".weight"] + w[name + ".bias"]
-
-    def gelu(x):
-        return 0.5 * x * (1 + numpy.tanh(numpy.sqrt(2 / numpy.pi) * (x + 0.044715 * x**3)))
-
-    x = w["wte.weight"][inputs] + w["wpe.weight"][:s]
-    layers = sum(1 for k in w if k.endswith(".ln_1.weight"))
-    causal = numpy.tril(numpy.ones((s, s), dtype=bool))
-    for i in range(layers):
-        p = f"h.{i}."
-        qkv = ln(x, p + "ln_1") @ w[p + "attn.c_attn.weight"] + w[p + "attn.c_attn.bias"]
-        q, k, v = (t.reshape(b, s, heads, hd).transpose(0, 2, 1, 3) for t in numpy.split(qkv, 3, axis=-1))
-        att = q @ k.transpose(0, 1, 3, 2) / numpy.sqrt(hd)
-        att = numpy.where(causal, att, -numpy.inf)
-        att = numpy.exp(att - att.max(-1, keepdims=True))
-        att /= att.sum(-1, keepdims=True)
-        y = (att @ v).transpose(0, 2, 1, 3).reshape(b, s, d)
-        x = x + y @ w[p + "attn.c_proj.weight"] + w[p + "attn.c_proj.bias"]
-        h = gelu(ln(x, p + "ln_2") @ w[p + "mlp.c_fc.weight"] + w[p + "mlp.c_fc.bias"])
-        x = x + h @ w[p + "mlp.c_proj.weight"] + w[p + "mlp.c_proj.bias"]
-    logits = ln(x, "ln_f") @ w["wte.weight"].T
-    logits -= logits.max(-1, keepdims=True)
-    logp = logits - numpy.log(numpy.exp(logits).sum(-1, keepdims=True))
-    return float(-numpy.take_along_axis(logp, targets[..., None], -1).mean())
 
 
 def test_interchange_tensors_are_read_as_gpt2(tmp_path):

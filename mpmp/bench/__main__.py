@@ -1,4 +1,4 @@
-"""`python -m mpmp.bench {comm,pipeline,train,cp} [options]`: run one benchmark under mpirun.
+"""`python -m mpmp.bench {comm,pipeline,train,generate,cp} [options]`: run one benchmark under mpirun.
 
 Each benchmark is a module of this package with a `main(argv)`; it is imported only when chosen, so
 one that is missing or broken does not stop the others.
@@ -11,6 +11,7 @@ BENCHES = {
     "comm": "collectives and send/recv: mpmp's Group beside raw mpi4py, nccl-tests' busbw",
     "pipeline": "the pipeline engine and its schedules",
     "train": "training steps of a layout",
+    "generate": "generation per layout: prefill, decode latency, tokens/s, KV cache vs recomputation",
     "cp": "one long sequence: one rank, tp + SP, and context parallelism (ring attention)",
 }
 

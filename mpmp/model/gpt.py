@@ -123,6 +123,12 @@ class Embedding:
         out += self.wpe.data[rows]
         return out, (cache, rows)
 
+    def forward_kv(self, ids, kv):
+        """Generation: ids [B, t] are the next t tokens, at positions kv.length ... kv.length + t - 1."""
+        out, _ = self.tok.forward(ids)
+        out += self.wpe.data[kv.length : kv.length + ids.shape[1]]
+        return out
+
     def backward(self, dy, cache, wgrad=None):
         tok_cache, rows = cache
         L.defer(wgrad, _add_rows, self.wpe.grad, rows, dy)
@@ -160,6 +166,16 @@ class Head:
         )
         return loss, (c1, c2, c3, (b, s, v))
 
+    def forward_kv(self, x, kv):
+        """Generation: the logits of each sequence's last position [B, V/tp] over this rank's vocabulary
+        columns; padding columns (a vocabulary padded to a multiple of tp) are -inf."""
+        h, _ = self.ln_f.forward(x[:, -1:])  # only the last position predicts the next token
+        logits, _ = self.lm.forward(h)
+        logits = logits[:, 0]
+        if self.vocab_valid < logits.shape[1]:
+            logits[:, self.vocab_valid :] = -xp().inf
+        return logits
+
     def backward(self, dy, cache, wgrad=None):
         c1, c2, c3, shape = cache
         from mpmp.nn.functional import cross_entropy_backward
@@ -194,6 +210,18 @@ class Chunk:
                 round_to(x, self.precision)
             caches.append(c)
         return x, caches
+
+    def forward_kv(self, x, kv):
+        """Generation with a KV cache (mpmp/inference): x is token ids [B, t] on the first chunk, else
+        the previous chunk's activation [B, t, D] of the t new positions. Returns the activation for
+        the next chunk, or on the last chunk the last position's logits [B, V/tp]."""
+        led = ledger.get()
+        t = x.shape[1]
+        for m in self.modules:
+            with led.scope(m.name):
+                x = m.forward_kv(x, kv)
+        kv.advance(t)
+        return x
 
     def backward(self, dy, caches, wgrad=None, on_module_done=None):
         """dy: gradient of the chunk's output (None on the last chunk). Returns the input gradient.

@@ -290,6 +290,30 @@ def attention_block_backward(dout, delta, qs, k, v, lse, *, mask, p=None):
     return ds @ k, ds.swapaxes(-1, -2) @ qs, dv
 
 
+def attention_forward_kv(q, k, v):
+    """Attention of the newest t positions over every position so far, for generation with a KV cache.
+
+    q [B, H, t, hd]; k, v [B, H, T, hd] with T >= t (the cached positions, then the new ones). Query i
+    sits at position T - t + i and sees keys 0 .. T - t + i: the causal mask shifted by the cache's
+    length. No backward (inference only). With t == T it computes exactly attention_forward's numbers.
+    """
+    xp = array_module(q)
+    t, big_t = q.shape[-2], k.shape[-2]
+    qs = q * q.dtype.type(1.0 / math.sqrt(q.shape[-1]))
+    s = qs @ k.swapaxes(-1, -2)  # [B, H, t, T]
+    if t > 1:  # one new query (a decode step) sees every key: no mask
+        s += _causal_mask(xp, t, q.dtype) if t == big_t else _offset_causal_mask(xp, t, big_t, q.dtype)
+    s -= s.max(axis=-1, keepdims=True)  # the row max subtracted: exp never overflows
+    xp.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)  # p = exp(s) / sum exp(s)
+    return s @ v
+
+
+def _offset_causal_mask(xp, t, big_t, dtype):
+    """[t, T]: -inf where key j lies after query i's position T - t + i."""
+    return xp.triu(xp.full((t, big_t), -xp.inf, dtype=dtype), k=big_t - t + 1)
+
+
 def split_heads(qkv, n_heads):
     """[B, T, 3*H*hd] (q, then k, then v columns) -> contiguous q, k, v of [B, H, T, hd]."""
     xp = array_module(qkv)

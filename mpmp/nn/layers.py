@@ -99,6 +99,18 @@ class Attention:
         y, c_proj_cache = self.c_proj.forward(F.merge_heads(o))
         return y, (c_attn_cache, core_cache, c_proj_cache)
 
+    def forward_kv(self, x, kv):
+        """Generation: x [B, t, D] holds only the new positions; their keys and values join the layer's
+        KV cache `kv` (mpmp/inference/kv_cache.py) and the queries attend over every cached position.
+        Returns y (no activation cache: nothing flows backward)."""
+        qkv, _ = self.c_attn.forward(x)
+        q, k, v = F.split_heads(qkv, self.n_heads)
+        del qkv
+        k_all, v_all = kv.append(k, v)
+        o = F.attention_forward_kv(q, k_all, v_all)
+        y, _ = self.c_proj.forward(F.merge_heads(o))
+        return y
+
     def backward(self, dy, cache, wgrad=None):
         c_attn_cache, core_cache, c_proj_cache = cache
         do = self.c_proj.backward(dy, c_proj_cache, wgrad)
@@ -161,6 +173,19 @@ class Block:
         if self.recompute == "full":
             return y, x
         return y, cache
+
+    def forward_kv(self, x, kv):
+        """Generation: _forward's block over the new positions x [B, t, D], attention reading and
+        extending this block's entry of the KV cache (kv.layer(name)). Returns y."""
+        h, _ = self.ln_1.forward(x)
+        a = self.attn.forward_kv(h, kv.layer(self.name))
+        del h
+        a += x
+        h, _ = self.ln_2.forward(a)
+        m, _ = self.mlp.forward(h)
+        del h
+        m += a
+        return m
 
     def backward(self, dy, cache, wgrad=None):
         if self.recompute == "full":

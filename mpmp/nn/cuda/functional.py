@@ -277,6 +277,15 @@ def attention_backward(dout, cache):
     return dq, dk, dv
 
 
+def attention_forward_kv(q, k, v):
+    """Generation's attention of the newest positions over a KV cache: the NumPy kernel, which is
+    array-module agnostic, on CuPy float32/float16 arrays (generation keeps no bf16 cache, so no CUDA
+    source is needed yet)."""
+    from mpmp.nn.functional import attention_forward_kv as numpy_twin
+
+    return numpy_twin(q, k, v)
+
+
 # ---------------------------------------------------------------------------------------------
 # Softmax cross-entropy, optionally over a vocabulary split across ranks
 # ---------------------------------------------------------------------------------------------
