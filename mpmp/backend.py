@@ -28,14 +28,24 @@ def use(name: str, local_rank: int = 0):
         from mpmp.errors import ConfigError
 
         raise ConfigError(f"--backend cupy needs CuPy (pip install 'mpmp[gpu]'): {exc}") from None
-    count = cupy.cuda.runtime.getDeviceCount()
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # CUDA's own errors: no driver, no device
+        count, why = 0, f" ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'})"
+    else:
+        why = ""
     if count == 0:
         from mpmp.errors import ConfigError
 
-        raise ConfigError("--backend cupy: no CUDA device is visible")
+        raise ConfigError(f"--backend cupy: no CUDA device is visible{why}")
     cupy.cuda.Device(local_rank % count).use()
     _xp, _name = cupy, "cupy"
     return _xp
+
+
+def device_count() -> int:
+    """CUDA devices this process sees (0 on the numpy backend)."""
+    return _xp.cuda.runtime.getDeviceCount() if _name == "cupy" else 0
 
 
 def xp():
@@ -66,6 +76,12 @@ def to_numpy(a):
     if is_device_array(a):
         return a.get()
     return numpy.asarray(a)
+
+
+def to_host(a):
+    """A host copy of a training step's device values: the one place a step waits for the GPU
+    (runtime.Trainer reads the loss, the overflow flag and the norm here, together, once)."""
+    return a.get() if is_device_array(a) else numpy.asarray(a)
 
 
 def synchronize():

@@ -6,8 +6,15 @@ ZeRO-1) and the pipeline engine with this rank's instruction list, and runs step
 of docs/data.md. A step reads top-down: `gradients` (the schedule, then the reductions), `update`
 (norm, clipping or an fp16 skip, AdamW), then one small all-reduce that gives every rank the loss.
 `python -m mpmp.train` is a command line around it; tests drive it directly.
+
+On a GPU (CuPy) the same step never waits for the device until its end: the micro-batches' losses
+add up on the device, the norm, the clip coefficient and the fp16 overflow flag are computed there
+and steer the AdamW kernel (`update_on_device`), and the step's values reach the host together in
+one transfer (backend.to_host). Parameters and activations are then held in the 16-bit format of
+--dtype (float16, or bf16 bit patterns in uint16), with fp32 master weights and gradients.
 """
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -26,8 +33,11 @@ from mpmp.optim.grads import GradReducer
 from mpmp.optim.loss_scale import DynamicLossScaler, NoLossScaling
 from mpmp.optim.lr import learning_rate
 from mpmp.optim.optimizer import Optimizer
-from mpmp.pipeline import partition, schedules
+from mpmp.pipeline import batching, partition, schedules
 from mpmp.pipeline.engine import PipelineEngine
+
+# --dtype -> the array dtype of parameters and activations on a GPU (bf16: bit patterns in uint16)
+STORAGE = {"fp32": numpy.float32, "fp16": numpy.float16, "bf16": numpy.uint16}
 
 
 @dataclass(frozen=True)
@@ -54,9 +64,11 @@ class Trainer:
         self.micro_batch = cfg.micro_batch
         costs = partition.unit_costs(cfg.model, par.partition, unit_costs)
         self.split = partition.balanced_split(costs, par.pp * par.virtual_stages)
-        # Mixed precision: parameters and activations in bf16/fp16 (emulated: float32 arrays rounded
-        # to the format), fp32 master weights, gradients and their reductions.
+        # Mixed precision: parameters and activations in bf16/fp16 (on NumPy emulated: float32 arrays
+        # rounded to the format; on a GPU held in it), fp32 master weights, gradients and reductions.
         self.precision = cfg.precision
+        self.on_device = backend.name() == "cupy"
+        self.storage = numpy.dtype(STORAGE[cfg.dtype] if self.on_device else numpy.float32)
         self.scaler = DynamicLossScaler() if cfg.dtype == "fp16" else NoLossScaling()
         self.model = GPT(
             cfg.model,
@@ -65,7 +77,7 @@ class Trainer:
             group=grid.tp_group,
             sp=par.sequence_parallel,
             recompute=par.recompute,
-            precision=self.precision,
+            precision=None if self.on_device else self.precision,
             cp_group=grid.cp_group,
         )
         self.flat, self.reducer = self._gradient_buffers()
@@ -77,10 +89,16 @@ class Trainer:
             zero=par.zero == 1,
             precision=self.precision,
         )
-        if self.precision:
-            round_to(self.flat.data, self.precision)  # after the fp32 masters were copied
+        if self.precision and self.on_device:  # after the fp32 masters were copied
+            from mpmp.nn.cuda.elementwise import cast
+
+            self.flat.hold_in(self.storage, cast)
+        elif self.precision:
+            round_to(self.flat.data, self.precision)
         programs = schedules.build_all(par.schedule, par.pp, par.micro_batches, par.virtual_stages)
         schedules.check(programs, par.pp, par.micro_batches, par.virtual_stages)
+        if grid.pp_group.batched_p2p:  # NCCL: transfers in batches that complete together
+            programs = batching.plan(programs, par.pp)
         self.program = programs[grid.stage]
         self.engine = self._engine()
         self.step = 0
@@ -119,6 +137,7 @@ class Trainer:
             neighbours=(grid.prev_stage, grid.next_stage),
             virtual_stages=par.virtual_stages,
             act_shape=(self.micro_batch, s_local, cfg.model.d_model),
+            act_dtype=self.storage,
             on_grads_final=self.reducer.module_done,
         )
 
@@ -179,8 +198,11 @@ class Trainer:
         t0, comm0 = time.perf_counter(), led.comm_seconds()
         with led.span(f"step {self.step + 1}", "step"):
             local = self.gradients(self.step)
-            done = self.update(self.step)
-            loss, stop = self.global_loss(local, stop_requested)
+            if self.on_device:
+                done, loss, stop = self.update_on_device(self.step, local, stop_requested)
+            else:
+                done = self.update(self.step)
+                loss, stop = self.global_loss(local, stop_requested)
             backend.synchronize()
         dt = time.perf_counter() - t0
         self.step += 1
@@ -198,6 +220,41 @@ class Trainer:
             "skipped": done.skipped,
             "loss_scale": done.loss_scale,
         }
+
+    # ---- the end of a step on a GPU, without waiting for it ------------------------------------------
+    def update_on_device(self, step: int, local_loss, stop_requested: bool):
+        """update and global_loss as the device does them: norm, clip coefficient and overflow flag
+        stay on the device and drive the AdamW kernel (a skipped fp16 step is vetoed there); then
+        the loss sum, the stop flag, the overflow flag and the squared norm come to the host in one
+        transfer. Returns (Update, loss still scaled, stop)."""
+        xp, s = backend.xp(), self.scaler.scale
+        dynamic = isinstance(self.scaler, DynamicLossScaler)  # fp16: a non-finite norm vetoes the update
+        with ledger.get().span("optimizer"):
+            sq = self.optimizer.device_sq_norm()
+            overflow = ~xp.isfinite(sq) if dynamic else xp.zeros(1, dtype=bool)
+            lr = self.lr_at(step)
+            skip = overflow.astype(xp.int32) if dynamic else None
+            self.optimizer.step(lr, _device_grad_scale(sq, s, self.cfg.clip), skip=skip)
+        totals = self._device_totals(local_loss, stop_requested)
+        loss, stop, skipped, sq = (float(v) for v in backend.to_host(xp.concatenate([totals, overflow, sq])))
+        skipped = skipped > 0
+        if skipped:
+            self.optimizer.undo_step()
+        self.scaler.update(skipped)
+        norm = math.sqrt(sq) / s
+        coef = 0.0 if skipped else clip.clip_coefficient(norm, self.cfg.clip)
+        return Update(grad_norm=norm, lr=lr, clip_coef=coef, skipped=skipped, loss_scale=s), loss, stop > 0
+
+    def _device_totals(self, local_loss, stop_requested: bool):
+        """[loss, stop] summed over every rank on the device: over the model-parallel group (one
+        replica), then over data parallelism. The loss counts once, from the last stage's tp rank 0."""
+        totals = backend.xp().zeros(2, dtype=numpy.float64)
+        if self.grid.is_last_stage and self.grid.coord.tp == 0:
+            totals[0] = local_loss
+        totals[1] = float(stop_requested)
+        for group in (self.grid.mp_group, self.grid.dp_cp_group):  # cp ranks hold shares of the loss too
+            group.all_reduce(totals, exact=True)
+        return totals
 
     # ---- state and accounting --------------------------------------------------------------------
     def state(self) -> TrainingState:
@@ -226,10 +283,22 @@ class Trainer:
     def memory(self) -> dict:
         """Bytes this rank holds for parameters, gradients, optimizer state (and fp32 master weights),
         and the peak of its activation caches in the last step (0 before the first)."""
-        # bf16/fp16 are emulated in float32 arrays: these are the bytes held here, not the format's.
+        # The bytes held: with NumPy, bf16/fp16 parameters are emulated in float32 arrays; on a GPU
+        # they are held in 16 bits (half the bytes). Gradients, masters and AdamW's state are fp32.
         return {
             "param_bytes": int(self.flat.data.nbytes),
             "grad_bytes": int(self.flat.grad.nbytes),
             "optimizer_bytes": int(self.optimizer.state_bytes()),
             "activation_bytes": int(self.engine.peak_bytes),
         }
+
+
+def _device_grad_scale(sq, loss_scale: float, max_norm: float):
+    """AdamW's gradient factor as a float32 [1] device array: torch's clip coefficient
+    min(1, C / (norm + 1e-6)) of norm = sqrt(sq) / loss_scale (1 without clipping), divided by the
+    loss scale that the gradients still carry."""
+    xp = backend.array_module(sq)
+    if max_norm <= 0:
+        return xp.full(1, 1.0 / loss_scale, dtype=numpy.float32)
+    coef = xp.minimum(1.0, max_norm / (xp.sqrt(sq) / loss_scale + 1e-6))
+    return (coef / loss_scale).astype(numpy.float32)

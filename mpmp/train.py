@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy
 
 from mpmp import backend, console
-from mpmp._setup import local_rank, mpi_launched
+from mpmp._setup import local_rank, local_ranks, mpi_launched
 from mpmp.comm import ledger
 from mpmp.config import ModelConfig, ParallelConfig, TrainConfig, validate
 from mpmp.errors import ConfigError, MpmpError
@@ -58,6 +58,12 @@ def build_parser():
     g.add_argument("--bucket-mb", type=pf, default=25.0, help="data-parallel gradient bucket size in MiB")
     g.add_argument("--recompute", default="none", help="activation recomputation: none, selective, full")
     g.add_argument("--backend", default="numpy", help="array backend: numpy or cupy")
+    g.add_argument(
+        "--comm",
+        default="auto",
+        help="transport between ranks: mpi, or nccl (CuPy, one GPU per rank); auto: nccl when every rank "
+        "has its own GPU, else mpi",
+    )
     m = p.add_argument_group("model (GPT-2)")
     m.add_argument(
         "--vocab", type=pi, default=None, help="vocabulary size (default: 256 for bytes, else max token + 1)"
@@ -255,7 +261,29 @@ def prepare(run: Run) -> Start:
     return Start(cfg, data, source, resume)
 
 
-def make_grid(cfg: TrainConfig, world_size: int):
+def choose_comm(run: Run) -> tuple[str, str]:
+    """(--comm's transport, why), the same on every rank (collective when launched on several)."""
+    from mpmp.comm import factory
+
+    on_gpu = backend.name() == "cupy"
+    ranks = local_ranks() if run.world_size > 1 else 1
+    if on_gpu:
+        from mpmp.comm.nccl import nccl_available
+
+        devices, nccl_ok = backend.device_count(), nccl_available()
+    else:
+        devices, nccl_ok = 0, False
+    kind, why = factory.choose(
+        run.args.comm, backend=backend.name(), ranks_on_node=ranks, devices=devices, nccl_ok=nccl_ok
+    )
+    if run.world_size == 1:
+        return "none", "one process: nothing crosses a process boundary"
+    from mpmp.comm.mpi import world_group
+
+    return factory.agree(world_group(), kind, why)
+
+
+def make_grid(cfg: TrainConfig, world_size: int, transport: str = "mpi"):
     """The rank grid of the layout (its Splits are the run's first collectives)."""
     par = cfg.parallel
     if world_size == 1:
@@ -264,7 +292,7 @@ def make_grid(cfg: TrainConfig, world_size: int):
         return LocalGrid(wire=cfg.precision)
     from mpmp.comm.grid import ProcessGrid
 
-    return ProcessGrid(par.tp, par.pp, par.dp, wire=cfg.precision, cp=par.cp)
+    return ProcessGrid(par.tp, par.pp, par.dp, wire=cfg.precision, transport=transport, cp=par.cp)
 
 
 def make_trainer(start: Start, grid, run: Run):
@@ -392,8 +420,10 @@ def _trace_about(trainer, run: Run) -> dict:
 
 def train(run: Run) -> int:
     start = prepare(run)  # everything that needs no communication: checked identically on every rank
-    grid = make_grid(start.cfg, run.world_size)
+    transport, why = choose_comm(run)
+    grid = make_grid(start.cfg, run.world_size, transport)
     ledger.install(ledger.Ledger(grid.rank, keep_events=False))
+    run.say(f"communication: {transport} ({why})")
     trainer = make_trainer(start, grid, run)
     watchdog = None
     if run.world_size > 1 and run.args.comm_timeout > 0:

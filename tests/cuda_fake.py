@@ -9,11 +9,18 @@ Python side of mpmp/nn/cuda.
   bound parameters, by name, so swapped arguments of one type give wrong numbers.
 - cublas.gemmEx / gemmStridedBatchedEx are column-major GEMMs on raw pointers, so gemm.py's
   row-major mapping is checked for real.
+- Whole training steps run on it (`backend.use("cupy")` after `install`): device arrays stay device
+  arrays through NumPy's operators (a reduction gives a 0-d array, not a host scalar, as on CuPy),
+  and every way a device value reaches the host (get, float, int, bool, item, tolist) is counted in
+  TRANSFERS with where it happened. Under `strict()`, an operation that mixes a device array with a
+  host array raises, as CuPy does. Pinned host memory and streams are plain host objects.
 """
 
+import contextlib
 import ctypes
 import re
 import sys
+import traceback
 import types
 
 import numpy
@@ -22,11 +29,94 @@ from mpmp.backend import from_wire, to_wire
 
 # ---- arrays ---------------------------------------------------------------------------------------
 
+TRANSFERS = {"d2h": 0, "where": [], "pinned_allocations": 0}
+_strict = [False]
+
+
+def _device_to_host():
+    TRANSFERS["d2h"] += 1
+    TRANSFERS["where"].append("".join(traceback.format_stack(limit=8)[:-2]))
+
+
+@contextlib.contextmanager
+def strict():
+    """Refuse operations mixing device and host arrays (CuPy raises TypeError for them)."""
+    _strict[0] = True
+    try:
+        yield
+    finally:
+        _strict[0] = False
+
+
+def reset_transfers():
+    TRANSFERS.update(d2h=0, where=[])
+
+
+def _wrap(r):
+    if isinstance(r, tuple):
+        return tuple(_wrap(x) for x in r)
+    if isinstance(r, numpy.ndarray):
+        return r.view(DeviceArray)
+    if isinstance(r, numpy.generic):  # a reduction to a scalar stays on the device (0-d)
+        return numpy.asarray(r).view(DeviceArray)
+    return r
+
+
+def _host(x):
+    return x.view(numpy.ndarray) if isinstance(x, DeviceArray) else x
+
 
 class DeviceArray(numpy.ndarray):
     @property
     def data(self):
         return types.SimpleNamespace(ptr=self.ctypes.data)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
+        if _strict[0] and any(type(x) is numpy.ndarray and x.ndim for x in inputs):
+            raise TypeError(f"{ufunc.__name__}: a device array with a host array (CuPy refuses)")
+        if out is not None:
+            kwargs["out"] = tuple(_host(o) for o in out)
+        result = getattr(ufunc, method)(*(_host(x) for x in inputs), **kwargs)
+        if out is not None:
+            return out[0] if len(out) == 1 else out
+        return _wrap(result)
+
+    def __getitem__(self, index):
+        return _wrap(super().__getitem__(index))
+
+    def __setitem__(self, index, value):  # a device value copied on the device, not via a host float
+        super().__setitem__(index, _host(value))
+
+    # ---- the ways a value reaches the host, each counted --------------------------------------
+    def get(self, stream=None, order="C", out=None):
+        _device_to_host()
+        if out is None:
+            return numpy.array(self.view(numpy.ndarray), order=order)
+        out[...] = self.view(numpy.ndarray)
+        return out
+
+    def set(self, arr, stream=None):
+        self.view(numpy.ndarray)[...] = arr
+
+    def __float__(self):
+        _device_to_host()
+        return float(self.view(numpy.ndarray))
+
+    def __int__(self):
+        _device_to_host()
+        return int(self.view(numpy.ndarray))
+
+    def __bool__(self):
+        _device_to_host()
+        return bool(self.view(numpy.ndarray))
+
+    def item(self, *args):
+        _device_to_host()
+        return self.view(numpy.ndarray).item(*args)
+
+    def tolist(self):
+        _device_to_host()
+        return self.view(numpy.ndarray).tolist()
 
 
 DeviceArray.__module__ = "cupy"
@@ -117,7 +207,7 @@ class FakeKernel:
                 assert isinstance(arg, DeviceArray), f"{where} got {type(arg).__name__}"
                 assert arg.dtype == numpy.dtype(STORAGE_DTYPE[ctype]), f"{where} got a {arg.dtype} array"
                 assert arg.flags.c_contiguous, f"{where} got a non-contiguous array"
-                bound[pname] = arg.reshape(-1)
+                bound[pname] = arg.reshape(-1).view(numpy.ndarray)  # the emulator's memory is the device's
             else:
                 assert type(arg) is SCALAR_TYPE[ctype], f"{where} got {type(arg).__name__}"
                 bound[pname] = arg.item()
@@ -150,7 +240,8 @@ def _colmajor(ptr, code, rows, cols, ld, offset=0):
     itemsize = numpy.dtype(dtype).itemsize
     raw = numpy.frombuffer((ctypes.c_char * (ld * cols * itemsize)).from_address(ptr + offset * itemsize), dtype)
     view = raw.reshape(cols, ld).T[:rows, :]
-    return as_float(view, ctype), view, ctype
+    with numpy.errstate(invalid="ignore"):  # an output read before beta = 0 discards it may hold NaN patterns
+        return as_float(view, ctype), view, ctype
 
 
 def _host_float(ptr):
@@ -226,26 +317,93 @@ def gemm_ex(
 # ---- the module ----------------------------------------------------------------------------------------
 
 
+# CuPy functions the trainer's device path calls: NumPy's, with device arrays in and out
+_FUNCTIONS = (
+    "zeros_like",
+    "ones",
+    "full",
+    "where",
+    "stack",
+    "concatenate",
+    "sqrt",
+    "log",
+    "exp",
+    "tanh",
+    "isfinite",
+    "minimum",
+    "maximum",
+    "multiply",
+    "add",
+    "subtract",
+    "divide",
+    "split",
+    "moveaxis",
+    "triu",
+)
+
+
+def _function(fn):
+    def device_fn(*args, **kwargs):
+        return _wrap(fn(*(_host(a) for a in args), **kwargs))
+
+    return device_fn
+
+
+class _Stream:
+    ptr = 0
+
+    def __init__(self, non_blocking=False):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+
+class _Event:
+    def __init__(self, disable_timing=False):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+def _pinned(nbytes):
+    TRANSFERS["pinned_allocations"] += 1
+    return bytearray(nbytes)
+
+
 def make_cupy():
     cp = types.ModuleType("cupy")
     cp.ndarray = DeviceArray
-    for name in ("float16", "float32", "float64", "int32", "int64", "uint16", "bool_"):
+    for name in ("float16", "float32", "float64", "int32", "int64", "uint8", "uint16", "bool_", "inf", "nan"):
         setattr(cp, name, getattr(numpy, name))
+    for name in _FUNCTIONS:
+        setattr(cp, name, _function(getattr(numpy, name)))
     cp.empty = lambda shape, dtype=numpy.float64: numpy.empty(shape, dtype).view(DeviceArray)
     cp.zeros = lambda shape, dtype=numpy.float64: numpy.zeros(shape, dtype).view(DeviceArray)
     cp.empty_like = lambda a, dtype=None: numpy.empty_like(numpy.asarray(a), dtype=dtype).view(DeviceArray)
-    cp.asarray = lambda a, dtype=None: dev(numpy.array(a, dtype=dtype))  # a copy, as to a device
-    cp.ascontiguousarray = lambda a, dtype=None: dev(numpy.ascontiguousarray(a, dtype=dtype))
+    cp.asarray = lambda a, dtype=None: dev(numpy.array(_host(a), dtype=dtype))  # a copy, as to a device
+    cp.ascontiguousarray = lambda a, dtype=None: dev(numpy.ascontiguousarray(_host(a), dtype=dtype))
     cp.arange = lambda *a, **k: dev(numpy.arange(*a, **k))
-    cp.log = lambda a: numpy.log(a)
-    cp.ones = lambda shape, dtype=numpy.float64: numpy.ones(shape, dtype).view(DeviceArray)
-    cp.asnumpy = lambda a: numpy.array(a)
-    cp.nan = numpy.nan
+    cp.asnumpy = lambda a: a.get() if isinstance(a, DeviceArray) else numpy.array(a)
     cp.__version__ = "fake"
     cp.RawModule = FakeRawModule
     cuda = types.ModuleType("cupy.cuda")
     cuda.device = types.SimpleNamespace(get_cublas_handle=lambda: 1)
-    cuda.runtime = types.SimpleNamespace(getDeviceProperties=lambda i: {"name": b"fake CPU device"})
+    cuda.runtime = types.SimpleNamespace(
+        getDeviceProperties=lambda i: {"name": b"fake CPU device"}, getDeviceCount=lambda: 1
+    )
+    cuda.Device = lambda i=0: types.SimpleNamespace(use=lambda: None, id=i)
+    cuda.Stream, cuda.Event = _Stream, _Event
+    current = _Stream()
+    cuda.get_current_stream = lambda: current
+    cuda.alloc_pinned_memory = _pinned
     cp.cuda = cuda
     cublas = types.ModuleType("cupy_backends.cuda.libs.cublas")
     cublas.gemmEx, cublas.gemmStridedBatchedEx = gemm_ex, gemm_strided_batched_ex

@@ -222,6 +222,7 @@ class _FakeNccl:
         self.comm = None  # the MPI communicator the next NcclCommunicator stands for
         self.batch = None
         self.ids = 0
+        self.log = []  # (what, stream ptr, ...) of collectives, event records, waits, synchronisations
 
     def get_unique_id(self):
         self.ids += 1
@@ -259,6 +260,7 @@ class _FakeComm:
 
     def allReduce(self, send, recv, count, dtype, op, stream):
         assert send == recv  # mpmp reduces in place
+        self.lib.log.append(("allReduce", stream))
         self.comm.Allreduce(self.MPI.IN_PLACE, self._view(recv, count, dtype), op=self._op(op))
 
     def allGather(self, send, recv, count, dtype, stream):
@@ -293,25 +295,42 @@ class _FakeComm:
 def _fake_cupy(lib):
     cp = types.ModuleType("cupy")
     cuda = types.ModuleType("cupy.cuda")
-    stream = types.SimpleNamespace(ptr=0, synchronize=lambda: None)
+
+    class Stream:
+        made = 0
+
+        def __init__(self, non_blocking=False):
+            Stream.made += 1
+            self.ptr = Stream.made  # the compute stream is 1, the next one made 2
+
+        def synchronize(self):
+            lib.log.append(("synchronize", self.ptr))
+
+        def wait_event(self, event):
+            assert event.stream is not None, "waiting for an event never recorded"
+            lib.log.append(("wait", self.ptr, event.stream))
+
+    stream = Stream()
 
     class Event:
         def __init__(self, disable_timing=False):
-            self.recorded = False
+            self.stream = None
 
         def record(self, stream=None):
             assert lib.batch is None, "event recorded inside a group: NCCL has launched nothing yet"
-            self.recorded = True
+            self.stream = (stream or cuda.get_current_stream()).ptr
+            lib.log.append(("record", self.stream))
 
         def synchronize(self):
-            assert self.recorded
+            assert self.stream is not None
+            lib.log.append(("synchronize", self.stream))
 
     cp.ndarray = _HostArray
     cp.empty = lambda shape, dtype=float: numpy.empty(shape, dtype).view(_HostArray)
     cp.zeros = lambda shape, dtype=float: numpy.zeros(shape, dtype).view(_HostArray)
     cp.ascontiguousarray = _dev
     cp.moveaxis = numpy.moveaxis
-    cuda.nccl, cuda.Event = lib, Event
+    cuda.nccl, cuda.Event, cuda.Stream = lib, Event, Stream
     cuda.get_current_stream = lambda: stream
     cuda.runtime = types.SimpleNamespace(getDeviceCount=lambda: 1)
     cp.cuda = cuda
@@ -356,6 +375,32 @@ def test_stand_in_nccl_point_to_point_and_batches(fake_nccl):
     check_point_to_point(groups, MPI.COMM_WORLD.Get_rank(), _dev, numpy.asarray, empty)
     for g in groups:
         g.close()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_bucket_all_reduce_runs_on_a_communication_stream_ordered_by_events(fake_nccl):
+    """iall_reduce (the dp buckets) goes to the group's own stream after an event of the compute
+    stream (1), so backward goes on while it runs; wait() and the next blocking operation make the
+    compute stream wait for it on the device: the host never synchronises."""
+    g = _fake_groups(fake_nccl)[0]
+    fake_nccl.log.clear()
+    x, y = _dev(numpy.ones(8, numpy.float32)), _dev(numpy.ones(8, numpy.float32))
+    handle = g.iall_reduce(x)
+    g.all_reduce(y)
+    handle.wait()
+    side = next(entry[1] for entry in fake_nccl.log if entry[0] == "allReduce")
+    assert side != 1
+    assert fake_nccl.log == [
+        ("record", 1),  # the bucket's gradients are final here
+        ("wait", side, 1),
+        ("allReduce", side),
+        ("record", side),
+        ("wait", 1, side),  # all_reduce(y) keeps the group's order: after the bucket
+        ("allReduce", 1),
+        ("wait", 1, side),  # handle.wait(): the compute stream waits, the host does not
+    ]
+    numpy.testing.assert_array_equal(x, g.size)
+    g.close()
 
 
 @pytest.mark.mpi(min_size=2)

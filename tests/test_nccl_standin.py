@@ -8,6 +8,7 @@ import numpy
 import pytest
 from test_nccl import check_collectives, check_point_to_point, mpi_groups
 
+from mpmp.backend import from_wire, to_wire
 from mpmp.comm.nccl_standin import NCCLRuleError, NCCLStandIn
 from mpmp.errors import ConfigError
 
@@ -127,7 +128,10 @@ def test_two_ranks_on_one_device_are_refused(comm_of):
 def test_nccl_dtypes_and_arrays_only(comm_of):
     g = _pair(comm_of)
     with pytest.raises(TypeError, match="NCCL cannot reduce uint16"):
-        g.all_reduce(numpy.ones(3, numpy.uint16))
+        g._all_reduce(numpy.ones(3, numpy.uint16), "sum")  # bit patterns added as integers
+    # through the Group interface a uint16 array is bf16 storage: reduced as bf16 values
+    patterns = to_wire(numpy.full(3, 1.5, numpy.float32), "bf16")
+    numpy.testing.assert_array_equal(from_wire(g.all_reduce(patterns), "bf16"), 3.0)
     with pytest.raises(TypeError, match="takes NumPy arrays"):
         g.all_reduce([1.0, 2.0])
     g.wire = "bf16"  # float32 travelling as bf16 patterns is reduced as bf16: allowed

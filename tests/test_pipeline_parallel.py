@@ -100,3 +100,25 @@ def test_uneven_partitions_train_like_one_process(comm_of, partition):
     assert sum(blocks) == 5 and len(set(blocks)) > 1
     losses = [trainer.train_step()["loss"] for _ in range(5)]
     numpy.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("schedule,v", [("1f1b", 1), ("interleaved", 2), ("zb-h1", 1)])
+def test_receive_buffers_come_from_a_pool_reused_across_steps(comm_of, schedule, v):
+    """The first step allocates the receive buffers; later steps take every one from the pool."""
+    comm = comm_of(2)
+    if comm is None:
+        return
+    m = 4
+    cfg = train_config(CFG, pp=2, schedule=schedule, virtual_stages=v, micro_batches=m, global_batch=m)
+    trainer = parallel_trainer(comm, cfg, random_weights(CFG))
+    receives = sum(type(ins).__name__.startswith("Recv") for ins in trainer.program)
+    assert receives > 0
+    trainer.train_step()
+    pool = trainer.engine.pool
+    allocated = pool.allocated
+    assert 0 < allocated <= receives and pool.reused == receives - allocated
+    for step in range(2, 4):
+        trainer.train_step()
+        assert pool.allocated == allocated
+        assert pool.reused == step * receives - allocated

@@ -1,22 +1,44 @@
-"""python -m mpmp.bench train: single-process training throughput against this machine's GEMM.
+"""python -m mpmp.bench train: training throughput against this machine's matrix speed.
 
 For each configuration: the median step time of a few steps after warm-up, tokens/s, the model
-FLOP/s (6N + 12·L·D·S FLOPs per token, N without position embeddings, as nanoGPT and PaLM count), and
-that as a fraction of a float32 GEMM (2048³, `a @ b`) measured in the same run: the share of the
-machine's matrix speed that the whole training step achieves.
+FLOP/s (6N + 12·L·D·S FLOPs per token, N without position embeddings, as nanoGPT and PaLM count) and
+that as a fraction of a GEMM measured in the same run: a 2048³ float32 `a @ b` on NumPy, an 8192³
+bf16 cuBLAS product on CuPy (mpmp.nn.cuda.gemm). On a GPU it also prints the MFU, the fraction of the
+card's dense bf16 tensor-core peak (datasheet, by device name). The goal at the GPT-2 124M shape
+(V 50304, D 768, L 12, H 12, S 1024) in bf16 is an MFU of at least 40%; below 25% something
+structural is wrong.
+
+Under mpirun with N ranks the layout is pure data parallelism (dp = N, each rank the configured
+batch B), and each configuration is also timed on one rank alone with the same B: the difference is
+the data-parallel all-reduce time that backward did not hide (goal: at most 10% of the step).
 """
 
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import numpy
 
 from mpmp.config import ModelConfig, ParallelConfig, TrainConfig
+from mpmp.errors import ConfigError
 
-# (V, D, L, H, S, B) and the goal for each
+# (V, D, L, H, S, B) and the goal (fraction of the GEMM) for each, on NumPy
 DEFAULTS = [((256, 256, 4, 4, 128, 8), 0.5), ((256, 768, 4, 12, 256, 4), 0.65)]
+GPT2_124M = (50304, 768, 12, 12, 1024)
+MFU_GOAL, MFU_FLOOR, DP_EXPOSED_GOAL = 0.40, 0.25, 0.10
+# dense bf16 tensor-core peak, TFLOP/s (datasheets, no sparsity), by a substring of the device name;
+# the longer names come first where they overlap
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "GH200": 989.4, "A100": 312.0, "L40S": 362.1}
+
+
+def card_peak(name: str):
+    """The dense bf16 peak FLOP/s of a device by name, or None when it is not in the table."""
+    for key, value in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return value * 1e12
+    return None
 
 
 def gemm_flops(n=2048, reps=5) -> float:
@@ -34,31 +56,73 @@ def gemm_flops(n=2048, reps=5) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
-def train_rate(shape, *, steps=5, warmup=2) -> dict:
-    """Median step time of a one-process run of shape (V, D, L, H, S, B), and what it implies."""
-    v, d, layers, heads, s, b = shape
+def device_gemm_flops(n=8192, reps=10) -> float:
+    """bf16 cuBLAS product FLOP/s (fp32 accumulation) through mpmp.nn.cuda.gemm, timed with events."""
+    import cupy
+
+    from mpmp.nn.cuda.elementwise import cast
+    from mpmp.nn.cuda.gemm import matmul
+
+    a = cast(cupy.random.standard_normal((n, n), dtype=cupy.float32), numpy.uint16)
+    out = cupy.empty((n, n), dtype=cupy.uint16)
+    for _ in range(3):
+        matmul(a, a, out=out)
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    start.record()
+    for _ in range(reps):
+        matmul(a, a, out=out)
+    end.record()
+    end.synchronize()
+    return 2 * n**3 * reps / (cupy.cuda.get_elapsed_time(start, end) / 1e3)
+
+
+def _trainer(shape, dtype, steps, grid=None):
+    """A trainer of shape (V, D, L, H, S, B) on grid (one process when None; B per replica)."""
     from mpmp.comm.grid import LocalGrid
     from mpmp.data import TokenData, builtin_corpus
     from mpmp.model.gpt import random_source
     from mpmp.runtime import Trainer
 
+    v, d, layers, heads, s, b = shape
+    dp = 1 if grid is None else grid.dp
     model = ModelConfig(vocab=v, seq_len=s, d_model=d, layers=layers, heads=heads)
-    cfg = TrainConfig(model=model, parallel=ParallelConfig(), global_batch=b, seq_len=s, steps=steps + warmup)
-    trainer = Trainer(cfg, LocalGrid(), TokenData(builtin_corpus(), s, v), random_source(model, 0))
+    par = ParallelConfig(dp=dp)
+    cfg = TrainConfig(model=model, parallel=par, global_batch=b * dp, seq_len=s, steps=steps, dtype=dtype)
+    grid = grid or LocalGrid(wire=cfg.precision)
+    return Trainer(cfg, grid, TokenData(builtin_corpus(), s, v), random_source(model, 0)), model
+
+
+def train_rate(shape, *, steps=5, warmup=2, dtype="fp32", grid=None) -> dict:
+    """Median step time of shape (V, D, L, H, S, B) (B sequences per replica), and what it implies."""
+    trainer, model = _trainer(shape, dtype, steps + warmup, grid)
     for _ in range(warmup):
         trainer.train_step()
-    times = [trainer.train_step()["step_s"] for _ in range(steps)]
-    step_s = statistics.median(times)
-    tokens = b * s
+    step_s = statistics.median(trainer.train_step()["step_s"] for _ in range(steps))
+    tokens = shape[5] * shape[4]  # per rank
     return {
-        "config": {"V": v, "D": d, "L": layers, "H": heads, "S": s, "B": b},
+        "config": dict(zip("VDLHSB", shape)),
+        "dtype": dtype,
         "step_s": step_s,
         "tokens_per_s": tokens / step_s,
-        "model_flops": model.flops_per_token(s) * tokens / step_s,
+        "model_flops": model.flops_per_token(shape[4]) * tokens / step_s,
+        "memory": trainer.memory(),
     }
 
 
-def main(argv=None):
+def _dp_grid(transport):
+    """dp = world size, or None when this is one process."""
+    from mpmp._setup import mpi_launched
+
+    if not mpi_launched():
+        return None
+    from mpmp.comm.grid import ProcessGrid
+    from mpmp.comm.mpi import MPI
+
+    world = MPI().COMM_WORLD.Get_size()
+    return ProcessGrid(1, 1, world, transport=transport) if world > 1 else None
+
+
+def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m mpmp.bench train", description=__doc__.split("\n")[0])
     p.add_argument(
         "--config",
@@ -67,32 +131,85 @@ def main(argv=None):
         metavar="V,D,L,H,S,B",
         help="a model and batch to measure (repeatable); default: the two tracked configurations",
     )
+    p.add_argument("--backend", default="numpy", help="numpy or cupy")
+    p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (on CuPy held in 16 bits)")
+    p.add_argument("--comm", default="mpi", help="under mpirun: mpi or nccl between the data-parallel ranks")
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json", default=None, help="also write the results here")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from mpmp import backend
+    from mpmp._setup import local_rank
+
+    try:
+        backend.use(args.backend, local_rank())
+        if args.dtype not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"--dtype must be fp32, bf16 or fp16, not {args.dtype!r}")
+    except ConfigError as exc:
+        print(f"mpmp.bench train: error: {exc}", file=sys.stderr)
+        return 2
+    on_gpu = backend.name() == "cupy"
     configs = [(tuple(int(x) for x in c.split(",")), None) for c in args.config] if args.config else DEFAULTS
-    peak = gemm_flops()
-    print(f"float32 GEMM (2048^3): {peak / 1e9:.1f} GFLOP/s")
-    print(
-        f"{'V':>5} {'D':>5} {'L':>3} {'H':>3} {'S':>5} {'B':>3} {'step ms':>9} {'tokens/s':>10} {'GFLOP/s':>9} {'of GEMM':>8} {'goal':>6}"
-    )
-    rows = []
-    for shape, goal in configs:
-        r = train_rate(shape, steps=args.steps, warmup=args.warmup)
-        r["fraction_of_gemm"] = r["model_flops"] / peak
-        r["goal"] = goal
-        rows.append(r)
-        c = r["config"]
-        print(
-            f"{c['V']:>5} {c['D']:>5} {c['L']:>3} {c['H']:>3} {c['S']:>5} {c['B']:>3} {r['step_s'] * 1e3:>9.1f} "
-            f"{r['tokens_per_s']:>10,.0f} {r['model_flops'] / 1e9:>9.1f} {r['fraction_of_gemm']:>8.2f} "
-            f"{'' if goal is None else f'>= {goal:.2f}':>6}"
-        )
-    if args.json:
+    machine = _machine(on_gpu)
+    grid = _dp_grid(args.comm)
+    say = print if grid is None or grid.rank == 0 else (lambda *a, **k: None)
+    say(machine["line"])
+    rows = [_measure(shape, goal, args, machine, grid, say) for shape, goal in configs]
+    if args.json and (grid is None or grid.rank == 0):
         with open(args.json, "w") as f:
-            json.dump({"gemm_flops": peak, "rows": rows}, f, indent=1)
+            json.dump({k: v for k, v in machine.items() if k != "line"} | {"rows": rows}, f, indent=1)
     return 0
+
+
+def _machine(on_gpu) -> dict:
+    """The matrix speed every step is compared with, measured now, and the card's peak."""
+    if not on_gpu:
+        flops = gemm_flops()
+        line = f"float32 GEMM (2048^3): {flops / 1e9:.1f} GFLOP/s"
+        return {"device": "CPU", "gemm": "float32 2048^3", "gemm_flops": flops, "peak_flops": None, "line": line}
+    import cupy
+
+    name = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["name"].decode()
+    flops, peak = device_gemm_flops(), card_peak(name)
+    share = f", {flops / peak:.0%} of the datasheet's {peak / 1e12:.0f}" if peak else " (card not in the peak table)"
+    line = f"{name}: bf16 GEMM (8192^3, cuBLAS via mpmp.nn.cuda.gemm): {flops / 1e12:.0f} TFLOP/s{share}"
+    return {"device": name, "gemm": "bf16 8192^3", "gemm_flops": flops, "peak_flops": peak, "line": line}
+
+
+def _measure(shape, goal, args, machine, grid, say) -> dict:
+    alone = train_rate(shape, steps=args.steps, warmup=args.warmup, dtype=args.dtype)
+    r = dict(alone, goal=goal, fraction_of_gemm=alone["model_flops"] / machine["gemm_flops"])
+    if machine["peak_flops"]:
+        r["mfu"] = alone["model_flops"] / machine["peak_flops"]
+    c = r["config"]
+    mfu = f", MFU {r['mfu']:.1%} of peak" if "mfu" in r else ""
+    say(
+        f"V {c['V']} D {c['D']} L {c['L']} H {c['H']} S {c['S']} B {c['B']} {args.dtype}: "
+        f"{r['step_s'] * 1e3:.1f} ms/step, {r['tokens_per_s']:,.0f} tokens/s, {r['model_flops'] / 1e12:.3f} "
+        f"TFLOP/s = {r['fraction_of_gemm']:.2f} of the GEMM{mfu}"
+        + (f" (goal >= {goal:.2f} of the GEMM)" if goal else "")
+    )
+    if "mfu" in r and shape[:5] == GPT2_124M and args.dtype == "bf16":
+        say(f"  goal: MFU >= {MFU_GOAL:.0%} at the GPT-2 124M shape in bf16: {_verdict(r['mfu'])}")
+    if grid is not None:
+        dp = train_rate(shape, steps=args.steps, warmup=args.warmup, dtype=args.dtype, grid=grid)
+        r["dp"] = {"ranks": grid.dp, "step_s": dp["step_s"], "exposed": 1 - alone["step_s"] / dp["step_s"]}
+        say(
+            f"  dp {grid.dp} over {grid.transport}: {dp['step_s'] * 1e3:.1f} ms/step vs {alone['step_s'] * 1e3:.1f} alone: "
+            f"{r['dp']['exposed']:.1%} of the step is all-reduce that backward did not hide "
+            f"(goal <= {DP_EXPOSED_GOAL:.0%})"
+        )
+    return r
+
+
+def _verdict(mfu: float) -> str:
+    if mfu >= MFU_GOAL:
+        return "met"
+    return "missed" if mfu >= MFU_FLOOR else f"below {MFU_FLOOR:.0%}: something structural is wrong"
 
 
 if __name__ == "__main__":

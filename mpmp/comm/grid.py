@@ -13,7 +13,8 @@ pp (same tp, cp, dp; group rank = stage), mp (tp x pp, same dp, cp: the model-pa
 one whole replica), embed (first and last stage of a pipeline: the tied embedding's gradient is summed
 there), world. Pipeline neighbours and the sequence chunks of each cp rank are computed here once.
 Under mixed precision the grid's tp, cp and pp groups carry activations as 16-bit patterns (`wire`);
-every other group keeps fp32.
+every other group keeps fp32. `transport` says what carries every group but the world
+(comm/factory.py: MPI, NCCL, or NCCL's rules over MPI); the world stays MPI.
 """
 
 from dataclasses import dataclass
@@ -73,10 +74,19 @@ def layout_ranks(tp: int, pp: int, dp: int, cp: int = 1):
 
 class ProcessGrid:
     def __init__(
-        self, tp: int = 1, pp: int = 1, dp: int | None = None, comm=None, wire: str | None = None, *, cp: int = 1
+        self,
+        tp: int = 1,
+        pp: int = 1,
+        dp: int | None = None,
+        comm=None,
+        wire: str | None = None,
+        transport="mpi",
+        *,
+        cp: int = 1,
     ):
         """Build every group from comm (default MPI.COMM_WORLD). Validates before any collective.
         wire: "bf16" or "fp16" for mixed precision's 16-bit activation traffic (tp, cp and pp groups).
+        transport: "mpi", "nccl" or "nccl-standin" for every group but the world.
         cp: context-parallel ranks (ring attention), between tp and dp in the rank order."""
         if comm is None:
             from mpmp.comm.mpi import MPI
@@ -89,6 +99,7 @@ class ProcessGrid:
         self.coord = coord_of(self.rank, tp, self.dp, cp)
         self.comm = comm
         self.wire = wire
+        self.transport = transport
         self._build(comm)
         self.tp_group.wire = self.pp_group.wire = self.cp_group.wire = wire
 
@@ -96,14 +107,16 @@ class ProcessGrid:
         return world_rank(coord, self.tp, self.dp, self.cp)
 
     def _build(self, comm):
+        from mpmp.comm.factory import group_class
         from mpmp.comm.mpi import MPIGroup
 
         c, tp, pp, dp, cp = self.coord, self.tp, self.pp, self.dp, self.cp
+        make = group_class(self.transport)
 
         def split(name, color, key, members):
-            # Every rank takes part in every Split, in the same order: no deadlock.
+            # Every rank takes part in every Split, and builds its groups, in the same order: no deadlock.
             sub = comm.Split(color, key)
-            return MPIGroup(sub, name, members)
+            return make(sub, name, members)
 
         replica = c.dp + dp * c.pp  # the (dp, pp) position; with tp and cp it names every group
         self.world = MPIGroup(comm, "world")
@@ -123,7 +136,7 @@ class ProcessGrid:
         embed = comm.Split(c.tp + tp * (c.cp + cp * c.dp) if on_edge else MPI_UNDEFINED(), c.pp)
         if on_edge and pp > 1:
             ranks = [self._rank(Coord(c.dp, p, c.tp, c.cp)) for p in (0, pp - 1)]
-            self.embed_group = MPIGroup(embed, "embed", ranks)
+            self.embed_group = make(embed, "embed", ranks)
         else:
             self.embed_group = SelfGroup("embed", self.rank)
 
@@ -183,6 +196,7 @@ class LocalGrid:
 
     def __init__(self, wire: str | None = None):
         self.wire = wire  # nothing crosses a process boundary: kept for the trainer's check
+        self.transport = "none"
         self.tp = self.pp = self.dp = self.cp = 1
         self.world_size, self.rank = 1, 0
         self.coord = Coord(0, 0, 0)

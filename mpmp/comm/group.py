@@ -4,6 +4,10 @@ Subclasses (MPI in mpi.py, NCCL in nccl.py) implement a handful of raw operation
 buffers split along axis 0; this base class adds what is common: the axis handling, uneven block
 sizes, the average op, the ledger record, and a size-1 fast path that moves nothing and records
 nothing. Peers are group ranks. Collectives on arrays are in place where the name says so.
+
+16-bit arrays are already in their wire format: on GPUs, bf16 activations are held as uint16 bit
+patterns and fp16 ones as float16. They travel as they are, and reductions of them combine values,
+not patterns (the op carries the format: "sum:bf16", "sum:fp16").
 """
 
 import time
@@ -58,6 +62,9 @@ class Group:
     # "bf16" or "fp16": float32 arrays in this group's collectives and transfers travel as those 16-bit
     # patterns (mixed precision); a call with exact=True (the loss, fp32 gradients) keeps fp32.
     wire = None
+    # NCCL: a send or receive outside batch_isend_irecv holds the stream until the peer matches it, so
+    # the pipeline must issue its transfers in batches (pipeline/batching.py).
+    batched_p2p = False
 
     def _format(self, x, exact):
         return self.wire if self.wire and not exact and x.dtype == numpy.float32 else None
@@ -112,7 +119,11 @@ class Group:
         token = self._record_begin("all_reduce")
         base = "sum" if op == "avg" else op
         fmt = self._format(x, exact)
-        if fmt:
+        native = _native16(x, op)
+        if native:
+            payload, fmt = native
+            self._all_reduce(payload, f"{base}:{fmt}")
+        elif fmt:
             payload = to_wire(x, fmt)
             self._all_reduce(payload, f"{base}:{fmt}")
             from_wire(payload, fmt, out=x)
@@ -170,14 +181,20 @@ class Group:
         counts = block_sizes(front.shape[0], self.size)
         base = "sum" if op == "avg" else op
         fmt = self._format(x, exact)
-        if fmt:
+        native = _native16(x, op)
+        if native:  # the 16-bit storage itself goes out and comes back
+            front, fmt = _native16(front, op)
+            base, out = f"{base}:{fmt}", None if out is None else out.view(numpy.uint16)
+        elif fmt:
             front, base = to_wire(front, fmt), f"{base}:{fmt}"
-        if out is None or fmt or axis % x.ndim:
+        if out is None or (fmt and not native) or axis % x.ndim:
             out = xp.empty((counts[self.rank],) + front.shape[1:], dtype=front.dtype)
         token = self._record_begin("reduce_scatter")
         self._reduce_scatter(front, out, counts, base)
         self._record_end(token, -1, front.nbytes, fmt or x.dtype)
-        if fmt:
+        if native:
+            out = out.view(x.dtype)
+        elif fmt:
             out = from_wire(out, fmt)
         if op == "avg":
             out /= self.size
@@ -281,6 +298,25 @@ def _dtype_name(dtype) -> str:
 def _check_op(op):
     if op not in OPS:
         raise ValueError(f"reduction op must be one of {OPS}, not {op!r}")
+
+
+_UINT16, _FLOAT16 = numpy.dtype(numpy.uint16), numpy.dtype(numpy.float16)
+
+
+def _native16(x, op):
+    """(uint16 view, "bf16" or "fp16") for an array held in a 16-bit format (uint16 = bf16 patterns,
+    float16 = fp16), else None. The average is refused there: it would divide in place in the
+    storage type."""
+    dtype = getattr(x, "dtype", None)  # not an array: the transport says what it takes
+    if dtype == _UINT16:
+        fmt = "bf16"
+    elif dtype == _FLOAT16:
+        fmt = "fp16"
+    else:
+        return None
+    if op == "avg":
+        raise ValueError(f"avg of an array held in {fmt}: reduce with sum and scale in fp32")
+    return x.view(numpy.uint16), fmt
 
 
 def _to_front(x, axis):

@@ -1,8 +1,8 @@
 """Collectives and point-to-point over mpi4py's buffer methods (upper-case: no pickling of arrays).
 
 CuPy arrays go to MPI as device buffers when the MPI library is CUDA-aware (after synchronising the
-stream that produced them), otherwise through a host copy; `cuda_aware()` says which, and start-up
-prints it. Also here: `abort_on_exception`, which turns an uncaught exception on any rank into
+stream that produced them), otherwise through page-locked (pinned) host buffers from a pool, reused
+by size from step to step; `cuda_aware()` says which, and start-up prints it. Also here: `abort_on_exception`, which turns an uncaught exception on any rank into
 "rank R: <error>" and MPI_Abort, so one failing rank ends the job instead of hanging it.
 """
 
@@ -79,27 +79,65 @@ def cuda_aware() -> bool:
     return _cuda_aware
 
 
-class _Staged:
-    """A buffer as MPI sees it: the array itself, or a host copy for device arrays without CUDA-aware
-    MPI. `back()` copies a staged receive buffer to the device array."""
+class PinnedPool:
+    """Page-locked host memory for staging device arrays, kept by size for reuse: a copy between the
+    GPU and pinned memory runs at full bus speed, where pageable memory goes through the driver's
+    bounce buffer, and allocating pinned memory is slow (so it is never done per message).
+    `allocated` and `reused` count what `take` did."""
 
-    def __init__(self, a, copy_in=True, host=False):
-        """host=True: stage even with CUDA-aware MPI (our Python reduction ops read host memory)."""
-        self.array = a
+    def __init__(self):
+        self.free = {}
+        self.allocated = self.reused = 0
+
+    def take(self, nbytes: int):
+        """A uint8 host array of nbytes in pinned memory."""
+        free = self.free.get(nbytes)
+        if free:
+            self.reused += 1
+            return free.pop()
+        import cupy
+
+        self.allocated += 1
+        return numpy.frombuffer(cupy.cuda.alloc_pinned_memory(max(1, nbytes)), numpy.uint8, nbytes)
+
+    def give(self, raw):
+        self.free.setdefault(raw.size, []).append(raw)
+
+
+pinned = PinnedPool()
+
+
+class _Staged:
+    """A buffer as MPI sees it: the array itself, or for a device array without CUDA-aware MPI a
+    pinned host copy. `back()` copies a staged buffer MPI wrote into to the device array (writes=True)
+    and returns the pinned memory to the pool; call it once the operation has completed."""
+
+    def __init__(self, a, *, reads=True, writes=False, host=False):
+        """reads: MPI reads the contents (a send); writes: MPI writes them (a receive). host=True:
+        stage even with CUDA-aware MPI (our Python reduction ops read host memory)."""
+        self.array, self.writes, self.raw = a, writes, None
+        self.buf = a
         if is_device_array(a):
             import cupy
 
             cupy.cuda.get_current_stream().synchronize()
-            if cuda_aware() and not host:
-                self.buf = a
-            else:
-                self.buf = a.get() if copy_in else numpy.empty(a.shape, dtype=a.dtype)
-        else:
-            self.buf = a
+            if not cuda_aware() or host:
+                self.raw = pinned.take(a.nbytes)
+                self.buf = self.raw.view(a.dtype).reshape(a.shape)
+                if reads:
+                    a.get(out=self.buf)
 
     def back(self):
-        if self.buf is not self.array:
-            self.array.set(self.buf)
+        if self.raw is not None:
+            if self.writes:
+                import cupy
+
+                self.array.set(self.buf)
+                # a copy from pinned memory may run after set() returns: let it finish before the
+                # buffer can be handed to the next operation
+                cupy.cuda.get_current_stream().synchronize()
+            pinned.give(self.raw)
+            self.raw = None
 
 
 class MPIGroup(Group):
@@ -115,18 +153,18 @@ class MPIGroup(Group):
     def _all_reduce(self, buf, op):
         if not buf.flags.c_contiguous:
             raise ValueError("all_reduce works in place and needs a contiguous array")
-        s = _Staged(buf, host=":" in op)
+        s = _Staged(buf, writes=True, host=":" in op)
         self.comm.Allreduce(MPI().IN_PLACE, s.buf, op=_op(op))
         s.back()
 
     def _iall_reduce(self, buf, op):
         if not buf.flags.c_contiguous:
             raise ValueError("iall_reduce works in place and needs a contiguous array")
-        s = _Staged(buf, host=":" in op)
+        s = _Staged(buf, writes=True, host=":" in op)
         return [(self.comm.Iallreduce(MPI().IN_PLACE, s.buf, op=_op(op)), s)]
 
     def _all_gather(self, send, recv, counts):
-        s, r = _Staged(send), _Staged(recv, copy_in=False)
+        s, r = _Staged(send), _Staged(recv, reads=False, writes=True)
         row = math.prod(send.shape[1:])
         if all(c == counts[0] for c in counts):
             self.comm.Allgather(s.buf, r.buf)
@@ -134,25 +172,27 @@ class MPIGroup(Group):
             sizes = [c * row for c in counts]
             displs = numpy.concatenate([[0], numpy.cumsum(sizes)[:-1]]).tolist()
             self.comm.Allgatherv(s.buf, [r.buf, sizes, displs, MPI()._typedict[send.dtype.char]])
+        s.back()
         r.back()
 
     def _reduce_scatter(self, send, recv, counts, op):
-        s, r = _Staged(send, host=":" in op), _Staged(recv, copy_in=False, host=":" in op)
+        s, r = _Staged(send, host=":" in op), _Staged(recv, reads=False, writes=True, host=":" in op)
         row = math.prod(send.shape[1:])
         self.comm.Reduce_scatter(s.buf, r.buf, [c * row for c in counts], op=_op(op))
+        s.back()
         r.back()
 
     def _broadcast(self, buf, root):
-        s = _Staged(buf)
+        s = _Staged(buf, writes=True)
         self.comm.Bcast(s.buf, root=root)
         s.back()
 
     def _isend(self, buf, peer, tag):
-        s = _Staged(buf)
-        return [(self.comm.Isend(s.buf, dest=peer, tag=tag), None)]
+        s = _Staged(buf)  # kept with the request: its pinned copy must outlive the send
+        return [(self.comm.Isend(s.buf, dest=peer, tag=tag), s)]
 
     def _irecv(self, buf, peer, tag):
-        r = _Staged(buf, copy_in=False)
+        r = _Staged(buf, reads=False, writes=True)
         return [(self.comm.Irecv(r.buf, source=peer, tag=tag), r)]
 
     def _wait_all(self, requests):

@@ -5,10 +5,16 @@ ranks of one communicator on the same device. Group rank 0 makes the NCCL unique
 its 128 bytes by an MPI broadcast of a plain buffer (no pickle).
 
 Semantics are NCCL's (and PyTorch's ProcessGroupNCCL's):
-- Every operation is enqueued on CuPy's current stream and returns at once; later work on that stream
-  runs after it. So the ledger's times are enqueue times unless the caller synchronises.
-- A non-blocking operation's request is a CUDA event recorded after it; wait() synchronises on it.
-  Inside batch_isend_irecv NCCL launches nothing before groupEnd, so the event is recorded there.
+- Blocking operations and point-to-point transfers are enqueued on CuPy's current stream (the compute
+  stream) and return at once; later work on that stream runs after them. So the ledger's times are
+  enqueue times unless the caller synchronises.
+- A non-blocking all-reduce (iall_reduce: the data-parallel gradient buckets) runs on the group's own
+  communication stream, so it overlaps the backward work that follows on the compute stream. An event
+  recorded on the compute stream orders it after the kernels that produced the bucket; wait() makes
+  the compute stream wait for the event recorded after it (the device waits, not the host). A later
+  blocking operation of the group first makes the compute stream wait for the last one, so the
+  group's operations keep their issue order on every rank.
+- A batch's requests share one CUDA event recorded after groupEnd (NCCL launches nothing before it).
 - NCCL has no tags: sends and receives between two ranks match in the order they are issued, and a
   send holds its stream until the peer receives. Exchanges in a ring must go through
   batch_isend_irecv (one NCCL group call), never an isend/irecv pair issued one by one.
@@ -90,6 +96,8 @@ class NCCLGroup(Group):
     """A group over an NCCL communicator; comm is the mpi4py communicator of the same members, in the
     same order, and carries the unique id."""
 
+    batched_p2p = True
+
     def __init__(self, comm, name: str, ranks=None):
         self._cupy, self._lib = _import()  # before any collective: every rank fails alike
         self.comm = comm
@@ -98,6 +106,8 @@ class NCCLGroup(Group):
         self.rank = comm.Get_rank()
         self.ranks = tuple(ranks) if ranks is not None else tuple(range(self.size))
         self._pending = None  # requests issued inside a group call, evented at groupEnd
+        self._side = None  # the communication stream, made on first use
+        self._side_done = None  # the event after the last operation on it
         self.nccl = _communicator(self._lib, self.size, self._unique_id(), self.rank)
 
     def _unique_id(self) -> bytes:
@@ -124,7 +134,13 @@ class NCCLGroup(Group):
 
     # ---- helpers ----------------------------------------------------------------------------
     def _stream(self) -> int:
-        return self._cupy.cuda.get_current_stream().ptr
+        """The compute stream, after this group's work on its communication stream: one order of
+        operations per communicator."""
+        stream = self._cupy.cuda.get_current_stream()
+        if self._side_done is not None:
+            stream.wait_event(self._side_done)
+            self._side_done = None
+        return stream.ptr
 
     def _args(self, a, op=None):
         """(device pointer, element count, NCCL datatype, NCCL op) of a contiguous CuPy array; op None
@@ -166,8 +182,18 @@ class NCCLGroup(Group):
             self.nccl.allReduce(ptr, ptr, n, dtype, nccl_op, self._stream())
 
     def _iall_reduce(self, buf, op):
-        self._all_reduce(buf, op)
-        return self._request()
+        """On the communication stream, after what the compute stream has issued so far."""
+        cuda = self._cupy.cuda
+        if self._side is None:
+            self._side = cuda.Stream(non_blocking=True)
+        self._side.wait_event(self._record())
+        ptr, n, dtype, nccl_op = self._args(buf, op)
+        if n:
+            self.nccl.allReduce(ptr, ptr, n, dtype, nccl_op, self._side.ptr)
+        done = cuda.Event(disable_timing=True)
+        done.record(self._side)
+        self._side_done = done
+        return [_Request(done)]
 
     def _all_gather(self, send, recv, counts):
         if send.shape[0] != counts[self.rank]:
@@ -219,10 +245,12 @@ class NCCLGroup(Group):
         return self._request()
 
     def _wait_all(self, requests):
+        """The compute stream waits for each request's event; the host goes on (no synchronisation)."""
+        stream = self._cupy.cuda.get_current_stream()
         for req in requests:
             if req.event is None:
                 raise RuntimeError("wait() on an operation of a batch that has not been issued yet")
-            req.event.synchronize()
+            stream.wait_event(req.event)
 
     def _barrier(self):
         # NCCL has no barrier: a one-element all-reduce, then wait for the stream (and all before it).

@@ -51,6 +51,8 @@ class NCCLStandIn(Group):
     """The Group interface over MPI with NCCL's rules. comm: the mpi4py communicator of the members;
     device: the device this rank claims (default: its local rank on the node)."""
 
+    batched_p2p = True
+
     def __init__(self, comm, name: str, ranks=None, device=None, timeout=60.0, check_every=1):
         self.name, self.size, self.rank = name, comm.Get_size(), comm.Get_rank()
         self.ranks = tuple(ranks) if ranks is not None else tuple(range(self.size))
@@ -218,11 +220,18 @@ class NCCLStandIn(Group):
             req.Cancel()
             req.Wait()
             return
-        deadline = time.monotonic() + min(2.0, self.timeout)
-        status = MPI().Status()
-        while not req.Test() and time.monotonic() < deadline:
-            if self.comm.Iprobe(source=peer, tag=_P2P_TAG, status=status):
+        # Drain only after a grace period: a peer whose own send is stuck the same way must reach its
+        # deadline (and report) before our draining would complete its send and let it go on.
+        grace = min(2.0, self.timeout)
+        time.sleep(grace)
+        deadline = time.monotonic() + grace
+        status, drained = MPI().Status(), False
+        # until our send is taken and the peer's stuck send (if any) drained: the peer may drain ours
+        # first, and must still find its own taken
+        while not (drained and req.Test()) and time.monotonic() < deadline:
+            if not drained and self.comm.Iprobe(source=peer, tag=_P2P_TAG, status=status):
                 self.comm.Recv(numpy.empty(status.Get_count(MPI().BYTE), numpy.uint8), source=peer, tag=_P2P_TAG)
+                drained = True
             time.sleep(_POLL_S)
 
     def _group_start(self):

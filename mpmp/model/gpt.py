@@ -17,6 +17,7 @@ from mpmp.comm.group import SelfGroup
 from mpmp.config import ModelConfig
 from mpmp.nn import layers as L
 from mpmp.nn import parallel as P
+from mpmp.nn.kernels import kernels
 from mpmp.nn.ring import RingAttention
 
 
@@ -104,6 +105,7 @@ class Embedding:
     def __init__(self, wte, wpe, group, sp):
         self.tok = P.VocabParallelEmbedding(wte, group, sp)
         self.wpe, self.group, self.sp = wpe, group, sp
+        self.F = kernels()
 
     def parameters(self):
         return [self.tok.weight, self.wpe]
@@ -120,24 +122,34 @@ class Embedding:
         lo, hi = self._positions(ids.shape[1])
         # context parallelism: this rank's tokens sit at mb.positions of the sequence (distinct rows)
         rows = slice(lo, hi) if mb.positions is None else mb.positions[lo:hi]
-        out += self.wpe.data[rows]
+        # + wpe[rows] for every sequence: a bias over the flattened [positions x D] of each one
+        b = out.shape[0]
+        out = self.F.bias_add_(out.reshape(b, -1), self.wpe.data[rows].reshape(-1)).reshape(out.shape)
         return out, (cache, rows)
 
     def forward_kv(self, ids, kv):
         """Generation: ids [B, t] are the next t tokens, at positions kv.length ... kv.length + t - 1."""
         out, _ = self.tok.forward(ids)
-        out += self.wpe.data[kv.length : kv.length + ids.shape[1]]
-        return out
+        positions = self.wpe.data[kv.length : kv.length + ids.shape[1]].reshape(-1)
+        return self.F.bias_add_(out.reshape(out.shape[0], -1), positions).reshape(out.shape)
 
     def backward(self, dy, cache, wgrad=None):
         tok_cache, rows = cache
-        L.defer(wgrad, _add_rows, self.wpe.grad, rows, dy)
+        L.defer(wgrad, _position_grads, self.F, self.wpe.grad, rows, dy)
         self.tok.backward(dy, tok_cache, wgrad)
         return None
 
 
-def _add_rows(grad, rows, dy):
-    grad[rows] += dy.sum(axis=0)
+def _position_grads(F, grad, rows, dy):
+    """wpe[rows]'s gradient is dy summed over the sequences: the bias gradient of the forward's view.
+    Rows that context parallelism gathers (an index array, no view) collect it in a scratch first."""
+    dy = dy.reshape(dy.shape[0], -1)
+    if isinstance(rows, slice):
+        F.bias_backward(dy, grad[rows].reshape(-1))
+        return
+    scratch = xp().zeros(dy.shape[1], dtype=grad.dtype)
+    F.bias_backward(dy, scratch)
+    grad[rows] += scratch.reshape(-1, grad.shape[1])
 
 
 class Head:
@@ -149,6 +161,7 @@ class Head:
         self.ln_f = ln_f
         self.lm = P.ColumnParallelLinear(wte, None, group, sp, transpose=True)
         self.group = group
+        self.F = kernels()
         v_local = wte.data.shape[0]
         self.vocab_start = group.rank * v_local
         self.vocab_valid = max(0, min(v_local, vocab - self.vocab_start))
@@ -162,7 +175,13 @@ class Head:
         del h
         b, s, v = logits.shape
         loss, c3 = P.vocab_parallel_cross_entropy(
-            logits.reshape(b * s, v), mb.targets, mb.loss_scale, self.group, self.vocab_start, self.vocab_valid
+            logits.reshape(b * s, v),
+            mb.targets,
+            mb.loss_scale,
+            self.group,
+            vocab_start=self.vocab_start,
+            vocab_valid=self.vocab_valid,
+            F=self.F,
         )
         return loss, (c1, c2, c3, (b, s, v))
 
@@ -178,9 +197,7 @@ class Head:
 
     def backward(self, dy, cache, wgrad=None):
         c1, c2, c3, shape = cache
-        from mpmp.nn.functional import cross_entropy_backward
-
-        dlogits = cross_entropy_backward(c3).reshape(shape)
+        dlogits = self.F.cross_entropy_backward(c3).reshape(shape)
         dh = self.lm.backward(dlogits, c2, wgrad)
         return self.ln_f.backward(dh, c1, wgrad)
 
@@ -200,13 +217,13 @@ class Chunk:
 
     def forward(self, x, mb):
         """x: the previous chunk's activation (None on the first chunk). Returns (y, caches); y is the
-        loss (a float) on the last chunk."""
+        loss on the last chunk (a float; a 0-d device array on GPUs, summed there)."""
         led = ledger.get()
         caches = []
         for m in self.modules:
             with led.scope(m.name):
                 x, c = m.forward(x, mb)
-            if self.precision and not isinstance(x, float):
+            if self.precision and not isinstance(m, Head):
                 round_to(x, self.precision)
             caches.append(c)
         return x, caches
@@ -285,7 +302,8 @@ class GPT:
     ranges: [(start, end)] unit ranges of this rank's chunks, in execution order (one per virtual
     stage). group: the tp group (a SelfGroup for one process). sp: sequence parallelism.
     recompute: none | selective | full. dtype: float32 (float64 for finite-difference tests).
-    precision: None, or "bf16"/"fp16" for activations stored in that format between modules.
+    precision: None, or "bf16"/"fp16" for activations rounded to that format between modules (NumPy's
+    emulation; on a GPU the arrays are held in the format and precision stays None).
     cp_group: the context-parallel group; of size > 1, attention is ring attention over it and each
     micro-batch holds this rank's positions of its sequences.
     """
@@ -335,10 +353,18 @@ class GPT:
             p.grad[...] = 0
 
     def local_state(self) -> dict:
-        """{interchange name: this rank's shard} as host arrays."""
-        from mpmp.backend import to_numpy
+        """{interchange name: this rank's shard} as host arrays; parameters held in 16 bits on a GPU
+        come out as float32 (the interchange format's type)."""
+        from mpmp.backend import is_device_array, to_numpy
 
-        return {p.name: to_numpy(p.data) for p in self.parameters()}
+        def host(a):
+            if is_device_array(a) and a.dtype != numpy.float32:
+                from mpmp.nn.cuda.elementwise import cast
+
+                a = cast(a, numpy.float32)
+            return to_numpy(a)
+
+        return {p.name: host(p.data) for p in self.parameters()}
 
 
 def _unique(params):

@@ -147,6 +147,21 @@ def gelu_backward(dy, cache):
     return dinner
 
 
+def bias_gelu_forward(h, b):
+    """y = gelu(h + b) over h [..., C], b [C]: a linear layer's bias and the GELU after it, one step
+    on the CUDA side. h is overwritten with x = h + b. The cache is gelu_forward's, (x, t); the CUDA
+    twin keeps only (x,) and recomputes t."""
+    h += b
+    return gelu_forward(h)
+
+
+def bias_gelu_backward(dy, cache, db):
+    """Returns dh = dy * gelu'(x); accumulates db += dh summed over every position."""
+    dh = gelu_backward(dy, cache)
+    bias_backward(dh, db)
+    return dh
+
+
 # ---------------------------------------------------------------------------------------------
 # Causal multi-head attention core: softmax(q k^T / sqrt(hd) + mask) v
 # ---------------------------------------------------------------------------------------------
@@ -395,3 +410,21 @@ def cross_entropy_backward(cache):
     dlogits[rows[own], safe_t[own]] -= 1  # - onehot(target), on the rank that owns the target
     dlogits *= dlogits.dtype.type(scale)
     return dlogits
+
+
+# ---------------------------------------------------------------------------------------------
+# In-place additions on activations. Plain operators here; on bf16 storage (uint16 bit patterns)
+# the CUDA twins add the values, where `+=` would add the patterns as integers.
+# ---------------------------------------------------------------------------------------------
+
+
+def add_(a, b):
+    """a += b in place (same shape); returns a."""
+    a += b
+    return a
+
+
+def bias_add_(y, b):
+    """y [..., C] += b [C] in place; returns y."""
+    y += b
+    return y

@@ -4,11 +4,15 @@
 accumulated into `param.grad`. Backward can be split (zero-bubble schedules, arXiv 2401.10241): when a
 list is passed as `wgrad`, the weight-gradient GEMMs are appended to it as deferred calls instead of
 being run, and `run_weight_grads(wgrad)` performs them later from the same cache.
+
+Each layer takes its kernel module (mpmp.nn.functional, or its CUDA twin on CuPy) once, when it is
+built, as `self.F`. Activations may be bf16 bit patterns on CuPy: every arithmetic step on them,
+the residual additions included, goes through that module.
 """
 
 from mpmp.backend import xp
 from mpmp.comm import ledger
-from mpmp.nn import functional as F
+from mpmp.nn.kernels import kernels
 
 
 class Parameter:
@@ -58,16 +62,17 @@ def run_weight_grads(wgrad):
 class LayerNorm:
     def __init__(self, weight: Parameter, bias: Parameter, eps=1e-5):
         self.weight, self.bias, self.eps = weight, bias, eps
+        self.F = kernels()
 
     def parameters(self):
         return [self.weight, self.bias]
 
     def forward(self, x):
-        return F.layernorm_forward(x, self.weight.data, self.bias.data, self.eps)
+        return self.F.layernorm_forward(x, self.weight.data, self.bias.data, self.eps)
 
     def backward(self, dy, cache, wgrad=None):
         # LayerNorm's weight gradient is elementwise and cheap: it stays in the B half.
-        return F.layernorm_backward(dy, cache, self.weight.grad, self.bias.grad)
+        return self.F.layernorm_backward(dy, cache, self.weight.grad, self.bias.grad)
 
 
 class Attention:
@@ -84,11 +89,13 @@ class Attention:
         self.c_attn, self.c_proj, self.n_heads = c_attn, c_proj, n_heads_local
         self.keep_probs = keep_probs
         self.core = core
+        self.F = kernels()
 
     def parameters(self):
         return self.c_attn.parameters() + self.c_proj.parameters()
 
     def forward(self, x):
+        F = self.F
         qkv, c_attn_cache = self.c_attn.forward(x)
         q, k, v = F.split_heads(qkv, self.n_heads)
         del qkv
@@ -103,6 +110,7 @@ class Attention:
         """Generation: x [B, t, D] holds only the new positions; their keys and values join the layer's
         KV cache `kv` (mpmp/inference/kv_cache.py) and the queries attend over every cached position.
         Returns y (no activation cache: nothing flows backward)."""
+        F = self.F
         qkv, _ = self.c_attn.forward(x)
         q, k, v = F.split_heads(qkv, self.n_heads)
         del qkv
@@ -112,6 +120,7 @@ class Attention:
         return y
 
     def backward(self, dy, cache, wgrad=None):
+        F = self.F
         c_attn_cache, core_cache, c_proj_cache = cache
         do = self.c_proj.backward(dy, c_proj_cache, wgrad)
         core_backward = F.attention_backward if self.core is None else self.core.backward
@@ -120,17 +129,19 @@ class Attention:
 
 
 class MLP:
-    """c_fc -> GELU(tanh) -> c_proj."""
+    """c_fc -> GELU(tanh) -> c_proj. c_fc's bias is added by the GELU kernel (bias_gelu: one pass
+    over the [.., 4D] activation on GPUs instead of two); its gradient is taken there too."""
 
     def __init__(self, c_fc, c_proj):
         self.c_fc, self.c_proj = c_fc, c_proj
+        self.F = kernels()
 
     def parameters(self):
         return self.c_fc.parameters() + self.c_proj.parameters()
 
     def forward(self, x):
-        h, c_fc_cache = self.c_fc.forward(x)
-        a, gelu_cache = F.gelu_forward(h)
+        h, c_fc_cache = self.c_fc.forward(x, with_bias=False)
+        a, gelu_cache = self.F.bias_gelu_forward(h, self.c_fc.bias.data)
         del h
         y, c_proj_cache = self.c_proj.forward(a)
         return y, (c_fc_cache, gelu_cache, c_proj_cache)
@@ -138,8 +149,8 @@ class MLP:
     def backward(self, dy, cache, wgrad=None):
         c_fc_cache, gelu_cache, c_proj_cache = cache
         da = self.c_proj.backward(dy, c_proj_cache, wgrad)
-        dh = F.gelu_backward(da, gelu_cache)
-        return self.c_fc.backward(dh, c_fc_cache, wgrad)
+        dh = self.F.bias_gelu_backward(da, gelu_cache, self.c_fc.bias.grad)
+        return self.c_fc.backward(dh, c_fc_cache, wgrad, with_bias=False)
 
 
 class Block:
@@ -153,6 +164,7 @@ class Block:
         self.name = name
         self.ln_1, self.attn, self.ln_2, self.mlp = ln_1, attn, ln_2, mlp
         self.recompute = recompute
+        self.F = kernels()
 
     def parameters(self):
         return self.ln_1.parameters() + self.attn.parameters() + self.ln_2.parameters() + self.mlp.parameters()
@@ -161,11 +173,11 @@ class Block:
         h, c1 = self.ln_1.forward(x)
         a, c2 = self.attn.forward(h)
         del h
-        a += x
+        a = self.F.add_(a, x)  # residual: x + attn(ln_1(x))
         h, c3 = self.ln_2.forward(a)
         m, c4 = self.mlp.forward(h)
         del h
-        m += a
+        m = self.F.add_(m, a)  # residual: a + mlp(ln_2(a))
         return m, (c1, c2, c3, c4)
 
     def forward(self, x, mb=None):
@@ -180,12 +192,11 @@ class Block:
         h, _ = self.ln_1.forward(x)
         a = self.attn.forward_kv(h, kv.layer(self.name))
         del h
-        a += x
+        a = self.F.add_(a, x)
         h, _ = self.ln_2.forward(a)
         m, _ = self.mlp.forward(h)
         del h
-        m += a
-        return m
+        return self.F.add_(m, a)
 
     def backward(self, dy, cache, wgrad=None):
         if self.recompute == "full":
@@ -193,9 +204,6 @@ class Block:
                 _, cache = self._forward(cache)
         c1, c2, c3, c4 = cache
         dh = self.mlp.backward(dy, c4, wgrad)
-        dx1 = self.ln_2.backward(dh, c3, wgrad)
-        dx1 += dy
+        dx1 = self.F.add_(self.ln_2.backward(dh, c3, wgrad), dy)  # the residual passes dy through
         dh = self.attn.backward(dx1, c2, wgrad)
-        dx = self.ln_1.backward(dh, c1, wgrad)
-        dx += dx1
-        return dx
+        return self.F.add_(self.ln_1.backward(dh, c1, wgrad), dx1)

@@ -15,8 +15,8 @@ With a tp group of size 1 every operator is the identity, so the layers below ar
 
 import numpy
 
-from mpmp.backend import array_module
-from mpmp.nn import functional as F
+from mpmp.backend import array_module, is_device_array
+from mpmp.nn.kernels import kernels
 from mpmp.nn.layers import Parameter, defer
 
 SEQ_AXIS = 1  # activations are [batch, sequence, hidden]
@@ -127,6 +127,7 @@ class _ParallelLinear:
 
     def __init__(self, weight: Parameter, bias: Parameter | None, group, sequence_parallel=False):
         self.weight, self.bias, self.group, self.sp = weight, bias, group, sequence_parallel
+        self.F = kernels()
 
     def parameters(self):
         return [p for p in (self.weight, self.bias) if p is not None]
@@ -136,6 +137,7 @@ class ColumnParallelLinear(_ParallelLinear):
     """y_r = x @ W[:, cols_r] + b[cols_r]: the input enters through f (or the SP all-gather).
 
     transpose=True stores the weight as [out, in] (the tied output head uses wte [V, D] directly).
+    with_bias=False leaves the bias to the caller (the MLP adds it inside its GELU kernel).
     """
 
     def __init__(self, weight: Parameter, bias: Parameter | None, group, sequence_parallel=False, transpose=False):
@@ -145,14 +147,16 @@ class ColumnParallelLinear(_ParallelLinear):
     def _w(self):
         return self.weight.data.T if self.transpose else self.weight.data
 
-    def forward(self, x):
+    def forward(self, x, *, with_bias=True):
         x_in = gather_from_sp(x, self.group) if self.sp else copy_to_tp(x, self.group)
-        return F.linear_forward(x_in, self._w(), None if self.bias is None else self.bias.data)
+        b = self.bias.data if with_bias and self.bias is not None else None
+        return self.F.linear_forward(x_in, self._w(), b)
 
-    def backward(self, dy, x_in, wgrad=None):
-        dx_in = F.linear_backward_input(dy, self._w())
+    def backward(self, dy, x_in, wgrad=None, *, with_bias=True):
+        dx_in = self.F.linear_backward_input(dy, self._w())
         dw = self.weight.grad.T if self.transpose else self.weight.grad
-        defer(wgrad, F.linear_backward_weight, dy, x_in, dw, None if self.bias is None else self.bias.grad)
+        db = self.bias.grad if with_bias and self.bias is not None else None
+        defer(wgrad, self.F.linear_backward_weight, dy, x_in, dw, db)
         return gather_from_sp_backward(dx_in, self.group) if self.sp else copy_to_tp_backward(dx_in, self.group)
 
 
@@ -161,13 +165,14 @@ class RowParallelLinear(_ParallelLinear):
     is added once, after the sum."""
 
     def forward(self, x):
-        y, _ = F.linear_forward(x, self.weight.data)
+        y, _ = self.F.linear_forward(x, self.weight.data)
         y = reduce_scatter_to_sp(y, self.group) if self.sp else reduce_from_tp(y, self.group)
         if self.bias is not None:
-            y += self.bias.data
+            y = self.F.bias_add_(y, self.bias.data)
         return y, x
 
     def backward(self, dy, x, wgrad=None):
+        F = self.F
         if self.bias is not None:
             defer(wgrad, F.bias_backward, dy, self.bias.grad)
         dy_in = reduce_scatter_to_sp_backward(dy, self.group) if self.sp else reduce_from_tp_backward(dy, self.group)
@@ -183,6 +188,7 @@ class VocabParallelEmbedding:
     def __init__(self, weight: Parameter, group, sequence_parallel=False):
         self.weight, self.group, self.sp = weight, group, sequence_parallel
         self.vocab_start = group.rank * weight.data.shape[0]
+        self.F = kernels()
 
     def parameters(self):
         return [self.weight]
@@ -193,9 +199,9 @@ class VocabParallelEmbedding:
         local = ids - self.vocab_start
         outside = (local < 0) | (local >= v_local)
         local = xp.where(outside, 0, local)
-        out, _ = F.embedding_forward(local, self.weight.data)
+        out, _ = self.F.embedding_forward(local, self.weight.data)
         if self.group.size > 1:
-            out[outside] = 0
+            _zero_rows(out, outside)
         out = reduce_scatter_to_sp(out, self.group) if self.sp else reduce_from_tp(out, self.group)
         return out, (local, outside)
 
@@ -204,14 +210,25 @@ class VocabParallelEmbedding:
         d = reduce_scatter_to_sp_backward(dy, self.group) if self.sp else dy
         if self.group.size > 1:
             d = d.copy() if d is dy else d
-            d[outside] = 0
-        defer(wgrad, F.embedding_backward, d, local, self.weight.grad)
+            _zero_rows(d, outside)
+        defer(wgrad, self.F.embedding_backward, d, local, self.weight.grad)
         return None
 
 
-def vocab_parallel_cross_entropy(logits, targets, scale, group, vocab_start, vocab_valid):
+def _zero_rows(a, mask):
+    """a[mask] = 0 for a [..., D] and a boolean mask [...]. On a device, a multiplication by the
+    inverted mask instead: boolean indexing counts the mask on the host (a synchronisation), while
+    x * 0 = 0 holds for floats and for bf16 bit patterns alike."""
+    if is_device_array(a):
+        a *= ~mask[..., None]
+    else:
+        a[mask] = 0
+
+
+def vocab_parallel_cross_entropy(logits, targets, scale, group, *, vocab_start, vocab_valid, F):
     """Forward of the cross-entropy over a vocabulary split across tp ranks: two all-reduces (the row
-    max; the target logit stacked with the sum of exponentials). Returns (loss, cache)."""
+    max; the target logit stacked with the sum of exponentials). F: the caller's kernel module.
+    Returns (loss, cache)."""
     return F.cross_entropy_forward(
         logits,
         targets,

@@ -8,7 +8,7 @@ applies where decay_mask is 1 (matrices and embeddings), never to biases or Laye
 
 import math
 
-from mpmp.backend import array_module
+from mpmp.backend import array_module, is_device_array
 from mpmp.config import AdamWConfig
 from mpmp.optim.buffer import CHUNK
 
@@ -57,7 +57,8 @@ def adamw_update(
 
 
 class AdamW:
-    """State (m, v) for one flat parameter buffer or a slice of it."""
+    """State (m, v) for one flat parameter buffer or a slice of it. On a device the update is the
+    fused kernel of mpmp/nn/cuda/optim.py (same arguments), which also takes a device skip flag."""
 
     def __init__(self, param, decay_mask, hp: AdamWConfig | None = None):
         xp = array_module(param)
@@ -65,12 +66,21 @@ class AdamW:
         self.decay_runs = runs(decay_mask)
         self.m = xp.zeros_like(param)
         self.v = xp.zeros_like(param)
-        self.scratch = xp.empty((2, min(CHUNK, max(1, param.size))), dtype=param.dtype)
         self.step_count = 0
+        if is_device_array(param):
+            from mpmp.nn.cuda.optim import adamw_update as device_update
 
-    def step(self, grad, lr, grad_scale=1.0):
+            self._update, self.scratch = device_update, None
+        else:
+            self._update = adamw_update
+            self.scratch = xp.empty((2, min(CHUNK, max(1, param.size))), dtype=param.dtype)
+
+    def step(self, grad, lr, grad_scale=1.0, *, skip=None):
+        """skip (device only): an int32 flag; non-zero leaves everything as it was (fp16 overflow).
+        The step is counted all the same: the caller takes it back once it has read the flag."""
         self.step_count += 1
-        adamw_update(
+        extra = {} if skip is None else {"skip": skip}
+        self._update(
             self.param,
             grad,
             self.m,
@@ -81,6 +91,7 @@ class AdamW:
             decay_runs=self.decay_runs,
             scratch=self.scratch,
             grad_scale=grad_scale,
+            **extra,
         )
 
     def state_bytes(self) -> int:

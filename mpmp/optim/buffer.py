@@ -71,6 +71,14 @@ class FlatParams:
                 self.norm_mask[off : off + size] = 1
         self._where = {id(p): (off, p.data.size) for p, off in zip(self.params, self.offsets)}
 
+    def hold_in(self, storage, cast):
+        """Hold the parameters in a 16-bit storage dtype from now on (GPUs): a new data buffer made
+        by cast(self.data, storage), every parameter's data a view of it. Gradients stay fp32."""
+        data = cast(self.data, storage)
+        for p, off in zip(self.params, self.offsets):
+            p.data = data[off : off + p.data.size].reshape(p.data.shape)
+        self.data = data
+
     def __len__(self):
         return self.data.size
 

@@ -10,7 +10,7 @@ Without ZeRO (or with dp = 1) the one range is the whole buffer.
 
 import numpy
 
-from mpmp.backend import array_module, round_to, to_numpy, xp
+from mpmp.backend import array_module, is_device_array, round_to, to_numpy, xp
 from mpmp.config import AdamWConfig
 from mpmp.optim import clip
 from mpmp.optim.adamw import AdamW, runs
@@ -50,18 +50,45 @@ class Optimizer:
         sq = clip.local_sq_norm(self.flat.grad, self.norm_runs, self._norm_scratch)
         return clip.all_reduce_norm(sq, self.norm_groups)
 
-    def step(self, lr: float, grad_scale: float = 1.0):
+    def device_sq_norm(self):
+        """The global squared norm as a one-element float64 device array, summed over the norm groups
+        on the device: grad_norm without waiting for the GPU."""
+        from mpmp.nn.cuda.optim import local_sq_norm
+
+        total = local_sq_norm(self.flat.grad, self.norm_runs, self._norm_scratch).reshape(1)
+        for g in self.norm_groups:
+            g.all_reduce(total)
+        return total
+
+    def step(self, lr: float, grad_scale=1.0, *, skip=None):
         """AdamW on this rank's (slices of the) parameters with grads * grad_scale (clipping, and
-        undoing the loss scale)."""
+        undoing the loss scale). On a device grad_scale may be a float32 [1] device array and skip an
+        int32 flag that vetoes the update (see undo_step)."""
         for adam, master, (lo, hi) in zip(self.adams, self.masters, self.ranges):
-            adam.step(self.flat.grad[lo:hi], lr, grad_scale)
+            adam.step(self.flat.grad[lo:hi], lr, grad_scale, skip=skip)
             if self.mixed:
-                self.flat.data[lo:hi] = master
-                round_to(self.flat.data[lo:hi], self.precision)
+                self._store(master, lo, hi)
         if self.zero:
             for b, (lo, hi) in zip(self.flat.buckets, self.ranges):
                 # straight into the flat buffer (MPI needs the send slice apart from the output)
                 self.dp.all_gather(self.flat.data[lo:hi].copy(), out=self.flat.data[b.lo : b.hi])
+
+    def _store(self, master, lo, hi):
+        """Updated fp32 master weights into the model's parameters, in their format: on a device a
+        cast into the 16-bit storage; on NumPy float32 values rounded to the format's grid."""
+        if is_device_array(self.flat.data) and self.flat.data.dtype != numpy.float32:
+            from mpmp.nn.cuda.elementwise import cast
+
+            cast(master, self.flat.data.dtype, out=self.flat.data[lo:hi])
+        else:
+            self.flat.data[lo:hi] = master
+            round_to(self.flat.data[lo:hi], self.precision)
+
+    def undo_step(self):
+        """Forget the count of a step the device skipped (its skip flag was set): the update did not
+        happen, and AdamW's bias correction counts updates."""
+        for adam in self.adams:
+            adam.step_count -= 1
 
     @property
     def steps_taken(self) -> int:

@@ -1,10 +1,13 @@
 """Executes one rank's instruction list (see schedules.py) for one training step.
 
-Sends are non-blocking (their buffers stay alive until the step ends); receives are posted where the
-instruction stands and waited on at once. That is exactly the model the schedule checker simulates, so
-a checked schedule cannot deadlock here. Each instruction kind has its own small method, chosen from a
-table. Every micro-batch in flight keeps its own cache; a CacheMeter counts them and their bytes, so
-tests can assert the memory behaviour of each schedule and the trainer can report activation memory.
+On MPI, sends are non-blocking (their buffers stay alive until the step ends); receives are posted
+where the instruction stands and waited on at once. That is exactly the model the schedule checker
+simulates, so a checked schedule cannot deadlock here. On NCCL the program comes from
+batching.plan: its Transfers instructions are each one batch_isend_irecv, completed together.
+Each instruction kind has its own small method, chosen from a table. Every micro-batch in flight keeps
+its own cache; a CacheMeter counts them and their bytes, so tests can assert the memory behaviour of
+each schedule and the trainer can report activation memory. Receive buffers come from a BufferPool and
+go back to it when their micro-batch is done, so steps after the first allocate none.
 """
 
 from dataclasses import dataclass, field
@@ -15,6 +18,7 @@ from mpmp.backend import xp
 from mpmp.comm import ledger
 from mpmp.nn.layers import run_weight_grads
 from mpmp.pipeline import schedules as S
+from mpmp.pipeline.batching import Transfers
 
 
 class CacheMeter:
@@ -42,6 +46,27 @@ class CacheMeter:
         self.live_bytes -= self._bytes.pop(key)
 
 
+class BufferPool:
+    """Receive buffers kept across steps, by shape and dtype: one goes back (`give`) when the
+    micro-batch that received into it is done, and the next receive of that shape takes it again.
+    `allocated` and `reused` count what `take` did."""
+
+    def __init__(self):
+        self.free = {}
+        self.allocated = self.reused = 0
+
+    def take(self, shape, dtype):
+        free = self.free.get((tuple(shape), numpy.dtype(dtype)))
+        if free:
+            self.reused += 1
+            return free.pop()
+        self.allocated += 1
+        return xp().empty(shape, dtype=dtype)
+
+    def give(self, buf):
+        self.free.setdefault((buf.shape, buf.dtype), []).append(buf)
+
+
 @dataclass
 class _Step:
     """One step's values in flight, keyed by (micro-batch, chunk)."""
@@ -54,8 +79,9 @@ class _Step:
     grads_out: dict = field(default_factory=dict)  # input gradients to send
     caches: dict = field(default_factory=dict)
     deferred: dict = field(default_factory=dict)  # weight-gradient work of split backwards
+    held: dict = field(default_factory=dict)  # pool buffers received for each (mb, chunk)
     sends: list = field(default_factory=list)
-    loss: float = 0.0
+    loss: float = 0.0  # a 0-d device array once a device loss is added: summed there, read once
 
 
 class PipelineEngine:
@@ -83,7 +109,9 @@ class PipelineEngine:
         self.act_shape, self.act_dtype = tuple(act_shape), act_dtype
         self.on_grads_final = on_grads_final
         self.meter = CacheMeter()
+        self.pool = BufferPool()
         self._handlers = {
+            Transfers: self._transfers,
             S.RecvForward: self._recv_forward,
             S.SendForward: self._send_forward,
             S.RecvBackward: self._recv_backward,
@@ -115,29 +143,61 @@ class PipelineEngine:
             self._handlers[type(ins)](ins, step)
         for handle in step.sends:
             handle.wait()
+        for key in list(step.held):
+            self._release(step, key)
         return step.loss
 
     # ---- transfers -----------------------------------------------------------------------------
     def _vs(self, ins) -> int:
         return ins.chunk * self.pp + self.stage
 
+    def _send_args(self, ins, step):
+        """(array, peer, tag) of a SendForward or SendBackward."""
+        key = (ins.mb, ins.chunk)
+        if isinstance(ins, S.SendForward):
+            return step.outputs.pop(key), self.next, self.tag(ins.mb, self._vs(ins) + 1, False)
+        return step.grads_out.pop(key), self.prev, self.tag(ins.mb, self._vs(ins) - 1, True)
+
+    def _recv_args(self, ins, step):
+        """(table, pool buffer, peer, tag) of a RecvForward or RecvBackward; the buffer is held for
+        the micro-batch until its cache is dropped."""
+        key = (ins.mb, ins.chunk)
+        buf = self.pool.take(self.act_shape, self.act_dtype)
+        step.held.setdefault(key, []).append(buf)
+        if isinstance(ins, S.RecvForward):
+            return step.inputs, buf, self.prev, self.tag(ins.mb, self._vs(ins), False)
+        return step.grads_in, buf, self.next, self.tag(ins.mb, self._vs(ins), True)
+
     def _recv_forward(self, ins, step):
-        buf = xp().empty(self.act_shape, dtype=self.act_dtype)
-        tag = self.tag(ins.mb, self._vs(ins), False)
-        step.inputs[ins.mb, ins.chunk] = self.group.recv(buf, self.prev, tag)
+        table, buf, peer, tag = self._recv_args(ins, step)
+        table[ins.mb, ins.chunk] = self.group.recv(buf, peer, tag)
+
+    _recv_backward = _recv_forward
 
     def _send_forward(self, ins, step):
-        tag = self.tag(ins.mb, self._vs(ins) + 1, False)
-        step.sends.append(self.group.isend(step.outputs.pop((ins.mb, ins.chunk)), self.next, tag))
+        step.sends.append(self.group.isend(*self._send_args(ins, step)))
 
-    def _recv_backward(self, ins, step):
-        buf = xp().empty(self.act_shape, dtype=self.act_dtype)
-        tag = self.tag(ins.mb, self._vs(ins), True)
-        step.grads_in[ins.mb, ins.chunk] = self.group.recv(buf, self.next, tag)
+    _send_backward = _send_forward
 
-    def _send_backward(self, ins, step):
-        tag = self.tag(ins.mb, self._vs(ins) - 1, True)
-        step.sends.append(self.group.isend(step.grads_out.pop((ins.mb, ins.chunk)), self.prev, tag))
+    def _transfers(self, ins, step):
+        """A batch (NCCL): every send and receive in it issued in one group call; all complete."""
+        ops, landing = [], {}
+        for t in ins.ops:
+            if isinstance(t, (S.SendForward, S.SendBackward)):
+                ops.append(("send", *self._send_args(t, step)))
+            else:
+                table, buf, peer, tag = self._recv_args(t, step)
+                landing[len(ops)] = (table, (t.mb, t.chunk))
+                ops.append(("recv", buf, peer, tag))
+        for i, handle in enumerate(self.group.batch_isend_irecv(ops)):
+            value = handle.wait()
+            if i in landing:
+                table, key = landing[i]
+                table[key] = value
+
+    def _release(self, step, key):
+        for buf in step.held.pop(key, ()):
+            self.pool.give(buf)
 
     # ---- computation ---------------------------------------------------------------------------
     def _forward(self, ins, step):
@@ -168,6 +228,7 @@ class PipelineEngine:
             step.deferred[key] = wgrad
         else:
             self.meter.drop(key)
+            self._release(step, key)
         if dx is not None:
             step.grads_out[key] = xp().ascontiguousarray(dx)
 
@@ -176,6 +237,7 @@ class PipelineEngine:
         with ledger.get().span(f"W{ins.mb}.{ins.chunk}"):
             run_weight_grads(step.deferred.pop(key))
         self.meter.drop(key)
+        self._release(step, key)
         last = step.backward_count[ins.chunk] == len(step.microbatches)
         if last and self.on_grads_final and not any(c == ins.chunk for _, c in step.deferred):
             for module in reversed(chunk.modules):

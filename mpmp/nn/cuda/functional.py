@@ -14,7 +14,8 @@ Differences a caller can see, each for a reason:
 - layernorm's rstd is float32 whatever the storage (a reduction result, kept in fp32).
 - Everything runs on CuPy's current stream and returns before the GPU has finished.
 
-Also here, with no NumPy twin yet: bias_gelu_forward / bias_gelu_backward (bias + GELU fused).
+Also here: bias_gelu_forward / bias_gelu_backward (the bias + GELU of the MLP, fused), and add_ /
+bias_add_, the in-place additions of activations that must add bf16 values, not their bit patterns.
 """
 
 import math
@@ -22,6 +23,7 @@ import math
 import numpy
 
 from mpmp.nn.cuda import _loader as L
+from mpmp.nn.cuda import elementwise as EW
 from mpmp.nn.cuda.gemm import batched_matmul, matmul
 
 # Pure data movement: the array-module-agnostic NumPy code already runs on CuPy arrays of any
@@ -337,3 +339,18 @@ def cross_entropy_backward(cache):
         (n,), (L.THREADS,), (exp_logits, sum_exp, safe_t, own, L.f32(scale), L.i32(v_local))
     )
     return exp_logits
+
+
+# ---------------------------------------------------------------------------------------------
+# In-place additions on activations (elementwise.py's kernels, under the NumPy module's names)
+# ---------------------------------------------------------------------------------------------
+
+
+def add_(a, b):
+    """a += b in place (same shape); returns a."""
+    return EW.add_(a, b)
+
+
+def bias_add_(y, b):
+    """y [..., C] += b [C] in place; returns y."""
+    return EW.bias_add_(y, b)
