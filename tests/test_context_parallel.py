@@ -344,6 +344,35 @@ def test_cp_layout_trains_like_one_process(comm_of, world, cp, tp, pp, dp, optio
         numpy.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=name)
 
 
+def nccl_cases():
+    # (world, cp, tp, pp, dp, options)
+    yield 2, 2, 1, 1, 1, {"recompute": "full"}
+    yield 4, 2, 2, 1, 1, {"sequence_parallel": True}
+    yield 4, 2, 1, 2, 1, {"schedule": "1f1b", "micro_batches": 4}
+    yield 4, 4, 1, 1, 1, {}
+    yield 8, 2, 1, 2, 2, {"schedule": "interleaved", "zero": 1}
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("world,cp,tp,pp,dp,options", [pytest.param(*c, id=case_id(*c)) for c in nccl_cases()])
+def test_cp_on_nccl_rules_trains_like_one_process(comm_of, world, cp, tp, pp, dp, options):
+    """Every ring hop is a batched send and receive: on NCCL's rules (comm/nccl_standin.py), which
+    report an ungrouped send on a ring where every rank sends first, the ring runs."""
+    from mpmp.comm.grid import ProcessGrid
+    from mpmp.runtime import Trainer
+
+    comm = comm_of(world)
+    if comm is None:
+        return
+    cfg = cp_config(cp, tp, pp, dp, **options)
+    ref_losses, _ = reference(cfg)
+    grid = ProcessGrid(tp, pp, dp, comm=comm, transport="nccl-standin", cp=cp)
+    assert type(grid.cp_group).__name__ == "NCCLStandIn"
+    trainer = Trainer(cfg, grid, make_data(cfg), random_weights(TRAIN, 11).__getitem__)
+    losses = [trainer.train_step()["loss"] for _ in range(STEPS)]
+    numpy.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+
+
 @pytest.mark.mpi(min_size=2)
 def test_cp_in_bf16_tracks_one_process_in_bf16(comm_of):
     comm = comm_of(2)

@@ -12,8 +12,7 @@ holds more than one block of scores at a time, nor keys and values beyond two ch
 The communication operators, in the style of tp's f and g (nn/parallel.py):
 
     pass_kv       post one hop of K|V: send to the next rank, receive from the previous one
-    expect_dkv    post the receive of a partial dK|dV from the previous rank
-    pass_dkv      send a partial dK|dV on to the next rank
+    pass_dkv      post one hop of a partial dK|dV, the same way
 
 and the forward/backward pair built on them:
 
@@ -23,7 +22,8 @@ and the forward/backward pair built on them:
                               it around the ring, each rank adding its share, and its owner adds its
                               own share last, when it arrives home
 
-Per layer and micro-batch each rank therefore sends (and receives) cp - 1 messages forward and
+Every hop is one batch of a send and a receive (batch_isend_irecv), as NCCL needs on a ring where
+every rank sends. Per layer and micro-batch each rank therefore sends (and receives) cp - 1 messages forward and
 2(cp - 1) backward, each 2·b·(H/tp)·(S/cp)·hd elements: its K and V chunks (cp - 1) times forward,
 again backward, and the matching gradients. With a cp group of size 1 nothing is sent.
 """
@@ -61,31 +61,25 @@ def ring_neighbours(group) -> tuple[int, int]:
     return (group.rank + 1) % group.size, (group.rank - 1) % group.size
 
 
-def pass_kv(kv, group, *, dkv_like=None) -> tuple[Pending, Pending | None]:
-    """One hop of the ring: send K|V to the next rank and receive the previous rank's, as one batch;
-    with dkv_like, the receive of the previous rank's next partial dK|dV joins the batch. kv must stay
-    unchanged until the first Pending is waited on."""
-    xp = array_module(kv)
+def _hop(send, group, tag) -> Pending:
+    """One hop of the ring as one batch: send to the next rank, receive the previous rank's message of
+    the same shape (a batch, so NCCL, whose ungrouped sends wait for their receiver, cannot hang on
+    a ring where every rank sends first)."""
     nxt, prev = ring_neighbours(group)
-    incoming = xp.empty_like(kv)
-    ops = [("send", kv, nxt, KV_TAG), ("recv", incoming, prev, KV_TAG)]
-    if dkv_like is not None:
-        partial = xp.empty_like(dkv_like)
-        ops.append(("recv", partial, prev, DKV_TAG))
-    handles = group.batch_isend_irecv(ops)
-    dkv = Pending(handles[2:], partial) if dkv_like is not None else None
-    return Pending(handles[:2], incoming), dkv
+    incoming = array_module(send).empty_like(send)
+    return Pending(group.batch_isend_irecv([("send", send, nxt, tag), ("recv", incoming, prev, tag)]), incoming)
 
 
-def expect_dkv(like, group) -> Pending:
-    """Post the receive of the partial dK|dV the previous rank passes on."""
-    partial = array_module(like).empty_like(like)
-    return Pending([group.irecv(partial, ring_neighbours(group)[1], DKV_TAG)], partial)
+def pass_kv(kv, group) -> Pending:
+    """Send K|V to the next rank and receive the previous rank's; kv must stay unchanged until the
+    Pending is waited on."""
+    return _hop(kv, group, KV_TAG)
 
 
 def pass_dkv(dkv, group) -> Pending:
-    """Send a partial dK|dV on to the next rank (dkv must stay unchanged until waited on)."""
-    return Pending([group.isend(dkv, ring_neighbours(group)[0], DKV_TAG)])
+    """Pass a partial dK|dV on to the next rank and receive the one the previous rank passes on; dkv
+    must stay unchanged until the Pending is waited on."""
+    return _hop(dkv, group, DKV_TAG)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +135,7 @@ def ring_attention_forward(q, k, v, group, *, keep_probs=True):
     q_halves, stats, kept = _halves(qs), [None, None], {} if keep_probs else None
     held = kv
     for i in range(n):
-        hop = pass_kv(held, group)[0] if i < n - 1 else None  # the next chunk travels meanwhile
+        hop = pass_kv(held, group) if i < n - 1 else None  # the next chunk travels meanwhile
         _absorb(stats, q_halves, held, _blocks(i, r, n), kept)
         if hop is not None:
             held = hop.wait()
@@ -188,8 +182,8 @@ def ring_attention_backward(dout, cache, group):
     Step i holds the K|V of rank r - i again and computes this rank's share of its gradient. The
     share of step 0 (our own chunks) waits; from step 1 on, the share is added to the partial that
     the previous rank passed on (none at step 1: that rank owns the chunk and adds its share last)
-    and is passed to the next rank. After cp - 1 hops the partial of our own chunks arrives from the
-    previous rank, complete but for our share.
+    and passed to the next rank, while the previous rank's next partial comes in. After cp - 1 hops
+    the partial of our own chunks arrives from the previous rank, complete but for our share.
     """
     qs, kv, out, lse, kept = cache
     xp = array_module(qs)
@@ -197,28 +191,20 @@ def ring_attention_backward(dout, cache, group):
     dqs = xp.zeros_like(qs)
     delta = F.attention_delta(dout, out)
     queries = _Queries(*(_halves(x) for x in (qs, dout, delta, lse, dqs)))
-    held, partial, sent, own = kv, None, None, None
+    held, partials, own = kv, None, None
     for i in range(n):
-        # the next K|V hop and (from step 1) the next partial from the previous rank travel meanwhile
-        hop, incoming = pass_kv(held, group, dkv_like=kv if i >= 1 else None) if i < n - 1 else (None, None)
-        if i == n - 1 and i >= 1:
-            incoming = expect_dkv(kv, group)  # the last partial: our own chunks' gradient, coming home
+        hop = pass_kv(held, group) if i < n - 1 else None  # the next K|V travels meanwhile
         dkv = _block_grads(queries, held, _blocks(i, r, n), kept)
         if i == 0:
             own = dkv
         else:
-            if partial is not None:
-                dkv += partial.wait()
-            if sent is not None:
-                sent.wait()  # one partial in flight at a time: its buffer is free again
-            sent = pass_dkv(dkv, group)
-        partial = incoming
+            if partials is not None:  # posted a step ago, with the partial we passed on then
+                dkv += partials.wait()
+            partials = pass_dkv(dkv, group)  # at the last step, what comes in is our own chunks'
         if hop is not None:
             held = hop.wait()
-    if partial is not None:
-        own += partial.wait()
-    if sent is not None:
-        sent.wait()
+    if partials is not None:
+        own += partials.wait()
     dqs *= qs.dtype.type(1.0 / math.sqrt(qs.shape[-1]))
     return dqs, own[0], own[1]
 
