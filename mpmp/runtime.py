@@ -26,6 +26,7 @@ from mpmp.checkpoint import TrainingState
 from mpmp.comm import ledger
 from mpmp.config import TrainConfig, validate
 from mpmp.data import context_positions
+from mpmp.errors import ConfigError
 from mpmp.model.gpt import GPT, split_microbatches
 from mpmp.optim import clip
 from mpmp.optim.buffer import FlatParams
@@ -68,6 +69,11 @@ class Trainer:
         # rounded to the format; on a GPU held in it), fp32 master weights, gradients and reductions.
         self.precision = cfg.precision
         self.on_device = backend.name() == "cupy"
+        if self.on_device and self.precision and par.cp > 1:
+            raise ConfigError(
+                f"--cp {par.cp} on --backend cupy needs --dtype fp32, not {cfg.dtype}: ring attention runs "
+                "NumPy's blockwise kernels on CuPy arrays, which hold 16-bit values as bit patterns"
+            )
         self.storage = numpy.dtype(STORAGE[cfg.dtype] if self.on_device else numpy.float32)
         self.scaler = DynamicLossScaler() if cfg.dtype == "fp16" else NoLossScaling()
         self.model = GPT(

@@ -484,3 +484,43 @@ def test_bench_cp_measures_the_attention_term_of_its_formula(tmp_path, capsys):
     assert ring["attention_core_bytes"] < one["attention_core_bytes"] / size
     assert ring["ring_hops_per_step"] == 3 * (size - 1) * 2  # per block, 2 blocks
     assert "overlap" in capsys.readouterr().out
+
+
+# ---- on the device (the fake CuPy of tests/cuda_fake.py) ---------------------------------------------
+
+
+@pytest.fixture
+def device(monkeypatch):
+    import cuda_fake as fake
+
+    from mpmp import backend
+
+    fake.install(monkeypatch)
+    backend.use("cupy")
+    yield fake
+    backend.use("numpy")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_cp_on_the_device_equals_one_process(comm_of, device):
+    """fp32 on (fake) CuPy arrays through MPI: the ring's kernels are NumPy's code on device arrays,
+    and nothing mixes host and device arrays."""
+    comm = comm_of(2)
+    if comm is None:
+        return
+    cfg = cp_config(2)
+    ref_losses, _ = reference(cfg)
+    trainer = trainer_for(comm, cfg, random_weights(TRAIN, 11))
+    with device.strict():
+        losses = [trainer.train_step()["loss"] for _ in range(STEPS)]
+    numpy.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_cp_on_the_device_in_16_bits_is_refused(comm_of, device, dtype):
+    comm = comm_of(2)
+    if comm is None:
+        return
+    with pytest.raises(ConfigError, match=f"--cp 2 on --backend cupy needs --dtype fp32, not {dtype}"):
+        trainer_for(comm, cp_config(2, dtype=dtype), random_weights(TRAIN, 11))
