@@ -2,7 +2,7 @@
 
 A checkpoint is a directory per step, written by every rank together:
 
-    DIR/step_00000010/model_tp{t}_pp{p}.npz   this (tp, pp) position's parameters (dp rank 0 writes)
+    DIR/step_00000010/model_tp{t}_pp{p}.npz   this (tp, pp) position's parameters (dp and cp rank 0 write)
     DIR/step_00000010/optim_rank{r}.npz       AdamW state: each rank's ZeRO slices (replica 0 without ZeRO)
     DIR/step_00000010/manifest.json           layout, step, config, data position, file checksums
     DIR/latest                                 the name of the newest complete step directory
@@ -334,7 +334,7 @@ def _save(root, state, keep_last):
             crcs[2 * i : 2 * i + 2] = 1, atomic_save_npz(os.path.join(partial, entry[0]), entry[1])
     every = grid.world.all_gather(crcs.reshape(1, 4))
     if grid.rank == 0:
-        manifest = _manifest(state, _file_checksums(every.tolist(), grid.tp, grid.dp))
+        manifest = _manifest(state, _file_checksums(every.tolist(), grid.tp, grid.dp, grid.cp))
         atomic_write_bytes(os.path.join(partial, "manifest.json"), json.dumps(manifest, indent=1).encode())
         if os.path.exists(final):
             import shutil
@@ -350,12 +350,14 @@ def _save(root, state, keep_last):
 
 def _files_to_write(state: TrainingState) -> list:
     """[model file, optimizer file] this rank writes, each (name, {key: array}) or None: its (tp, pp)
-    position's parameters (data-parallel rank 0), its optimizer state (every rank under ZeRO; without
-    ZeRO every replica holds the same state and replica 0 writes it)."""
+    position's parameters (data-parallel and context-parallel rank 0: cp ranks hold the same weights
+    and state, as dp replicas do), its optimizer state (every rank under ZeRO; without ZeRO every
+    replica holds the same state and replica 0 writes it)."""
     grid, c = state.grid, state.grid.coord
-    model = (f"model_tp{c.tp}_pp{c.pp}.npz", state.model.local_state()) if c.dp == 0 else None
+    first = c.dp == 0 and c.cp == 0
+    model = (f"model_tp{c.tp}_pp{c.pp}.npz", state.model.local_state()) if first else None
     optim = None
-    if state.optimizer.zero or c.dp == 0:
+    if state.optimizer.zero or first:
         optim = (f"optim_rank{grid.rank}.npz", _optimizer_arrays(state.optimizer.export_state(), state.flat_layout))
     return [model, optim]
 
@@ -400,11 +402,11 @@ def _fresh_dir(path: str):
     os.makedirs(path)
 
 
-def _file_checksums(rows, tp: int, dp: int) -> dict:
+def _file_checksums(rows, tp: int, dp: int, cp: int = 1) -> dict:
     """{file name: crc32} from every rank's [writes model, crc, writes optim, crc] row."""
     files = {}
     for r, (has_model, crc_model, has_opt, crc_opt) in enumerate(rows):
-        rc = coord_of(r, tp, dp)
+        rc = coord_of(r, tp, dp, cp)
         if has_model:
             files[f"model_tp{rc.tp}_pp{rc.pp}.npz"] = crc_model
         if has_opt:
@@ -418,6 +420,7 @@ def _manifest(state: TrainingState, files: dict) -> dict:
         "tp": par.tp,
         "pp": par.pp,
         "dp": par.dp,
+        "cp": par.cp,
         "zero": par.zero,
         "virtual_stages": par.virtual_stages,
         "split": [list(r) for r in state.split],
@@ -471,11 +474,11 @@ def optimizer_state(step_dir: str, manifest=None) -> dict:
     manifest = manifest or read_manifest(step_dir)
     cfg = model_config_of(manifest)
     lay = manifest["layout"]
-    # One flat vector per (tp, pp) position, filled from its dp ranks' slices; without ZeRO replica 0
-    # holds every replica's (identical) state.
+    # One flat vector per (tp, pp) position, filled from its dp x cp ranks' slices; without ZeRO replica
+    # 0 (cp rank 0) holds every replica's (identical) state. Checkpoints before cp have no "cp": 1.
     flat, layouts, step = {}, {}, 0
-    for r, c in layout_ranks(lay["tp"], lay["pp"], lay["dp"]):
-        if lay.get("zero") or c.dp == 0:
+    for r, c in layout_ranks(lay["tp"], lay["pp"], lay["dp"], lay.get("cp", 1)):
+        if lay.get("zero") or (c.dp == 0 and c.cp == 0):
             layouts[c.tp, c.pp], step = _read_optimizer_file(step_dir, manifest, r, flat.setdefault((c.tp, c.pp), {}))
     infos = {p.name: p for p in param_infos(cfg)}
     kinds = [k for k in ("m", "v", "master") if k in flat[0, 0]]

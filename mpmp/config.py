@@ -77,10 +77,11 @@ class ParallelConfig:
     zero: int = 0
     bucket_mb: float = 25.0
     recompute: str = "none"
+    cp: int = 1  # context parallelism: ranks that split each sequence (ring attention)
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.pp * self.dp * self.cp
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,23 @@ def _one_of(flag: str, value: str, allowed):
         raise ConfigError(f"{flag} must be one of {', '.join(allowed)}, not {value!r}")
 
 
+def _validate_context_parallel(seq_len: int, par: ParallelConfig):
+    """Each cp rank holds 2 of 2·cp equal chunks of every sequence; under SP its tp ranks then split
+    those S/cp positions."""
+    if par.cp < 1:
+        raise ConfigError(f"--cp must be at least 1, not {par.cp}")
+    if par.cp > 1 and seq_len % (2 * par.cp):
+        raise ConfigError(
+            f"--cp {par.cp} needs --seq-len ({seq_len}) divisible by 2*cp ({2 * par.cp}): the sequence is cut "
+            f"into 2*cp equal chunks"
+        )
+    if par.cp > 1 and par.sequence_parallel and (seq_len // par.cp) % par.tp:
+        raise ConfigError(
+            f"--sequence-parallel with --cp {par.cp} needs seq-len/cp ({seq_len}/{par.cp} = {seq_len // par.cp}) "
+            f"divisible by --tp ({par.tp})"
+        )
+
+
 def validate(cfg: TrainConfig, world_size: int | None = None):
     """Every check of a whole configuration that needs no communication; raises ConfigError."""
     from mpmp.comm.grid import check_layout
@@ -160,7 +178,7 @@ def validate(cfg: TrainConfig, world_size: int | None = None):
 
     par, model = cfg.parallel, cfg.model
     if world_size is not None:
-        check_layout(world_size, par.tp, par.pp, par.dp)
+        check_layout(world_size, par.tp, par.pp, par.dp, par.cp)
     model.validate(par.tp)
     validate_batch(cfg.global_batch, par.dp, par.micro_batches, cfg.seq_len, model)
     schedules.validate(par.schedule, par.pp, par.micro_batches, par.virtual_stages)
@@ -173,6 +191,7 @@ def validate(cfg: TrainConfig, world_size: int | None = None):
         raise ConfigError(f"--zero must be 0 or 1, not {par.zero}")
     if par.sequence_parallel and cfg.seq_len % par.tp:
         raise ConfigError(f"--sequence-parallel needs --seq-len ({cfg.seq_len}) divisible by --tp ({par.tp})")
+    _validate_context_parallel(cfg.seq_len, par)
     if model.units < par.pp * par.virtual_stages:
         raise ConfigError(
             f"{model.layers} layers + embedding + head = {model.units} units cannot fill "

@@ -6,7 +6,8 @@ bytes (vocabulary 256), and with no path a built-in corpus: the bytes of mpmp's 
 Order: the stream t holds N = (len(t) - 1) // S sequences. Step k uses sequences n_j for j = 0..B-1,
 with n_j = (k*B + j) mod N in the sequential order, or the (k*B + j) mod N-th entry of a per-epoch
 permutation in the shuffled order; input t[n*S : n*S+S], target t[n*S+1 : n*S+S+1]. Data-parallel
-replicas and micro-batches take consecutive slices of those B sequences, so no layout changes them.
+replicas and micro-batches take consecutive slices of those B sequences, so no layout changes them;
+context-parallel ranks take the positions `context_positions` names of each sequence.
 """
 
 import os
@@ -17,6 +18,16 @@ import numpy
 from mpmp.errors import DataError
 
 ORDERS = ("sequential", "shuffled")
+
+
+def context_positions(seq_len: int, cp_rank: int, cp: int) -> numpy.ndarray:
+    """The positions of a sequence that context-parallel rank r holds, in its local order: of the
+    sequence's 2·cp equal chunks, chunk r then chunk 2·cp - 1 - r (comm/grid.context_chunks). Its
+    inputs, targets and position embeddings are those positions'."""
+    from mpmp.comm.grid import context_chunks
+
+    c = seq_len // (2 * cp)
+    return numpy.concatenate([numpy.arange(j * c, (j + 1) * c) for j in context_chunks(cp_rank, cp)])
 
 
 def builtin_corpus() -> numpy.ndarray:

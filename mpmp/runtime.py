@@ -27,6 +27,8 @@ from mpmp.backend import round_to
 from mpmp.checkpoint import TrainingState
 from mpmp.comm import ledger
 from mpmp.config import TrainConfig, validate
+from mpmp.data import context_positions
+from mpmp.errors import ConfigError
 from mpmp.model.gpt import GPT, param_infos, split_microbatches
 from mpmp.optim import clip
 from mpmp.optim.buffer import FlatParams
@@ -69,6 +71,11 @@ class Trainer:
         # rounded to the format; on a GPU held in it), fp32 master weights, gradients and reductions.
         self.precision = cfg.precision
         self.on_device = backend.name() == "cupy"
+        if self.on_device and self.precision and par.cp > 1:
+            raise ConfigError(
+                f"--cp {par.cp} on --backend cupy needs --dtype fp32, not {cfg.dtype}: ring attention runs "
+                "NumPy's blockwise kernels on CuPy arrays, which hold 16-bit values as bit patterns"
+            )
         self.storage = numpy.dtype(STORAGE[cfg.dtype] if self.on_device else numpy.float32)
         self.scaler = DynamicLossScaler() if cfg.dtype == "fp16" else NoLossScaling()
         self.model = GPT(
@@ -79,12 +86,13 @@ class Trainer:
             sp=par.sequence_parallel,
             recompute=par.recompute,
             precision=None if self.on_device else self.precision,
+            cp_group=grid.cp_group,
         )
         self.flat, self.reducer = self._gradient_buffers()
         self.optimizer = Optimizer(
             self.flat,
             cfg.adamw,
-            dp_group=grid.dp_group,
+            dp_group=grid.dp_cp_group,  # cp ranks hold the same weights: ZeRO-1 shards over dp x cp
             norm_groups=[grid.mp_group],
             zero=par.zero == 1,
             precision=self.precision,
@@ -105,16 +113,17 @@ class Trainer:
 
     def _gradient_buffers(self):
         """The flat buffers and their reducer. The tied embedding (pp > 1) and sequence-parallel
-        partial sums go to the late bucket: they need another reduction before the dp one."""
+        partial sums go to the late bucket: they need another reduction before the dp one. Under
+        context parallelism each cp rank's gradients are its tokens' share: summed over dp x cp."""
         par, grid = self.cfg.parallel, self.grid
         params = self.model.parameters()
         tied = next((p for p in params if p.name == "wte.weight"), None) if par.pp > 1 else None
         sp_params = [p for p in params if p.sequence_parallel]
         late = sp_params + ([tied] if tied is not None else [])
-        flat = FlatParams(params, grid.coord.tp, par.dp, par.bucket_mb * 2**20, late)
+        flat = FlatParams(params, grid.coord.tp, par.dp * par.cp, par.bucket_mb * 2**20, late)
         reducer = GradReducer(
             flat,
-            dp_group=grid.dp_group,
+            dp_group=grid.dp_cp_group,
             tp_group=grid.tp_group,
             embed_group=grid.embed_group,
             zero=par.zero == 1,
@@ -126,7 +135,8 @@ class Trainer:
 
     def _engine(self) -> PipelineEngine:
         cfg, par, grid = self.cfg, self.cfg.parallel, self.grid
-        s_local = cfg.seq_len // par.tp if par.sequence_parallel else cfg.seq_len
+        s_local = cfg.seq_len // par.cp  # context parallelism splits the sequence first, then SP within
+        s_local = s_local // par.tp if par.sequence_parallel else s_local
         return PipelineEngine(
             self.model,
             grid.pp_group,
@@ -149,9 +159,15 @@ class Trainer:
         cfg, par = self.cfg, self.cfg.parallel
         inputs, targets = self.data.replica_batch(step, cfg.global_batch, self.grid.coord.dp, par.dp)
         xp = backend.xp()
-        # The loss is the mean over the global batch; fp16 multiplies it by the loss scale S.
+        positions = None
+        if par.cp > 1:  # this cp rank's positions of every sequence (docs/data.md)
+            positions = context_positions(cfg.seq_len, self.grid.coord.cp, par.cp)
+            inputs, targets = inputs[:, positions], targets[:, positions]
+            positions = xp.asarray(positions)
+        # The loss is the mean over the global batch (each cp rank adds its tokens' share); fp16
+        # multiplies it by the loss scale S.
         scale = self.scaler.scale / (cfg.global_batch * cfg.seq_len)
-        return split_microbatches(xp.asarray(inputs), xp.asarray(targets), par.micro_batches, scale)
+        return split_microbatches(xp.asarray(inputs), xp.asarray(targets), par.micro_batches, scale, positions)
 
     def gradients(self, step: int) -> float:
         """Run the schedule on step `step`'s data and finish every gradient reduction. Returns this
@@ -179,7 +195,7 @@ class Trainer:
     def global_loss(self, local_loss: float, stop_requested: bool = False) -> tuple[float, bool]:
         """One small all-reduce carries the loss (still scaled) to every rank, and whether any rank
         was asked to stop."""
-        owner = self.grid.is_last_stage and self.grid.coord.tp == 0
+        owner = self.grid.is_last_stage and self.grid.coord.tp == 0  # each dp and cp rank: its share
         total = numpy.array([local_loss if owner else 0.0, float(stop_requested)])
         self.grid.world.all_reduce(total)
         return float(total[0]), bool(total[1] > 0)
@@ -275,7 +291,7 @@ class Trainer:
         if self.grid.is_last_stage and self.grid.coord.tp == 0:
             totals[0] = local_loss
         totals[1] = float(stop_requested)
-        for group in (self.grid.mp_group, self.grid.dp_group):
+        for group in (self.grid.mp_group, self.grid.dp_cp_group):  # cp ranks hold shares of the loss too
             group.all_reduce(totals, exact=True)
         return totals
 

@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train GPT-2 with hand-written layers over MPI: tensor, pipeline and data parallelism.",
         formatter_class=_HelpFormatter,
     )
-    _layout_flags(p.add_argument_group("layout (dp = world size / (tp*pp))"))
+    _layout_flags(p.add_argument_group("layout (dp = world size / (tp*pp*cp))"))
     _model_flags(p.add_argument_group("model (GPT-2)"))
     _training_flags(p.add_argument_group("training"))
     files = p.add_argument_group("data and files")
@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _layout_flags(g):
     g.add_argument("--tp", type=_POSITIVE_INT, help="tensor-parallel ranks (default: 2 on 4+ even ranks)")
     g.add_argument("--pp", type=_POSITIVE_INT, help="pipeline stages (default: 2 on 8+ ranks divisible by 4)")
+    g.add_argument(
+        "--cp", type=_POSITIVE_INT, default=1, help="context-parallel ranks: ring attention over sequence chunks"
+    )
     g.add_argument("--schedule", default="1f1b", help="pipeline schedule: gpipe, 1f1b, interleaved, zb-h1")
     g.add_argument("--virtual-stages", type=_POSITIVE_INT, help="model chunks per rank (interleaved; default 2)")
     g.add_argument("--micro-batches", type=_POSITIVE_INT, help="micro-batches per replica per step (default 2*pp)")
@@ -237,12 +240,13 @@ def make_config(run: Run, data_vocab: int, init_cfg: ModelConfig | None, *, init
     from mpmp.comm.grid import check_layout
 
     args = run.args
-    tp, pp = default_layout(run.world_size, args.tp, args.pp)
-    dp = check_layout(run.world_size, tp, pp)
+    tp, pp = default_layout(run.world_size // args.cp, args.tp, args.pp)
+    dp = check_layout(run.world_size, tp, pp, cp=args.cp)
     par = ParallelConfig(
         tp=tp,
         pp=pp,
         dp=dp,
+        cp=args.cp,
         schedule=args.schedule,
         virtual_stages=args.virtual_stages or (2 if args.schedule == "interleaved" else 1),
         micro_batches=args.micro_batches or (2 * pp if pp > 1 else 1),
@@ -414,7 +418,7 @@ def make_grid(cfg: TrainConfig, world_size: int, transport: str = "mpi"):
         return LocalGrid(wire=cfg.precision)
     from mpmp.comm.grid import ProcessGrid
 
-    return ProcessGrid(par.tp, par.pp, par.dp, wire=cfg.precision, transport=transport)
+    return ProcessGrid(par.tp, par.pp, par.dp, wire=cfg.precision, transport=transport, cp=par.cp)
 
 
 def make_trainer(start: Start, grid, run: Run):
@@ -538,13 +542,14 @@ def _trace_about(trainer, run: Run) -> dict:
     first, last = parse_trace_steps(run.args.trace_steps, trainer.cfg.steps)
     return {
         "run_id": run.run_id,
-        "layout": {"tp": par.tp, "pp": par.pp, "dp": par.dp, "cp": 1},
+        "layout": {"tp": par.tp, "pp": par.pp, "dp": par.dp, "cp": par.cp},
         "schedule": par.schedule,
         "micro_batches": par.micro_batches,
         "virtual_stages": par.virtual_stages,
         "world": trainer.grid.world_size,
         "coords": [
-            {"rank": r, "tp": c.tp, "pp": c.pp, "dp": c.dp, "cp": 0} for r, c in layout_ranks(par.tp, par.pp, par.dp)
+            {"rank": r, "tp": c.tp, "pp": c.pp, "dp": c.dp, "cp": c.cp}
+            for r, c in layout_ranks(par.tp, par.pp, par.dp, par.cp)
         ],
         "steps": [first, last],
         "memory": trainer.memory(),  # gathered from every rank by console.write_trace

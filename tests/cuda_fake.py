@@ -344,6 +344,8 @@ _FUNCTIONS = (
 
 def _function(fn):
     def device_fn(*args, **kwargs):
+        if "out" in kwargs:  # cupy.exp(x, out=x) and the like: the device array is the host's memory
+            kwargs["out"] = _host(kwargs["out"])
         return _wrap(fn(*(_host(a) for a in args), **kwargs))
 
     return device_fn

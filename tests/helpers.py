@@ -94,13 +94,14 @@ def gather_full(grid, cfg: ModelConfig, local: dict) -> dict:
 
     everyone = grid.comm.allgather((grid.rank, {k: numpy.asarray(v) for k, v in local.items()}))
     infos = {p.name: p for p in param_infos(cfg)}
+    coords = {r: coord_of(r, grid.tp, grid.dp, grid.cp) for r, _ in everyone}
     out = {}
     for name, info in infos.items():
-        # wte lives on the first and last stage: take the first stage's copy
+        # wte lives on the first and last stage: take the first stage's copy (of replica 0, cp rank 0)
         holders = sorted(
-            (coord_of(r, grid.tp, grid.dp).pp, coord_of(r, grid.tp, grid.dp).tp, d[name])
+            (coords[r].pp, coords[r].tp, d[name])
             for r, d in everyone
-            if name in d and coord_of(r, grid.tp, grid.dp).dp == 0
+            if name in d and coords[r].dp == 0 and coords[r].cp == 0
         )
         stage = holders[0][0]
         parts = [a for p, _, a in holders if p == stage]
@@ -118,6 +119,89 @@ def assert_close_dicts(got: dict, want: dict, rtol, atol, skip=()):
         if name in skip:
             continue
         numpy.testing.assert_allclose(got[name], want[name], rtol=rtol, atol=atol, err_msg=name)
+
+
+class ThreadRing:
+    """A cp group simulated by threads in one process, for ring attention without MPI: member(r) has
+    the Group methods the ring uses (isend, irecv, batch_isend_irecv) over in-memory mailboxes, with
+    MPI's matching (per source, destination and tag, in order) and a timeout instead of a hang. Every
+    member counts what it sends: (kind, tag, bytes) in `sent`."""
+
+    TIMEOUT = 60
+
+    def __init__(self, size: int):
+        import threading
+
+        self.size = size
+        self.mail, self.lock = {}, threading.Lock()
+        self.members = [_RingMember(self, r) for r in range(size)]
+
+    def box(self, src: int, dst: int, tag: int):
+        """The mailbox of messages from src to dst with tag (made once, under the lock)."""
+        import queue
+
+        with self.lock:
+            return self.mail.setdefault((src, dst, tag), queue.Queue())
+
+    def run(self, fn):
+        """fn(member) on every member at once, each in its own thread; their results in rank order."""
+        import threading
+
+        results, errors = [None] * self.size, []
+
+        def body(r):
+            try:
+                results[r] = fn(self.members[r])
+            except BaseException as exc:  # noqa: BLE001  (re-raised in the caller)
+                errors.append(exc)
+
+        threads = [threading.Thread(target=body, args=(r,)) for r in range(self.size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(self.TIMEOUT)
+        if errors:
+            raise errors[0]
+        assert not any(t.is_alive() for t in threads), "the simulated ring hung"
+        return results
+
+
+class _Arrived:
+    def __init__(self, result=None):
+        self.result = result
+
+    def wait(self):
+        return self.result
+
+
+class _Receive:
+    def __init__(self, box, out):
+        self.box, self.out, self.done = box, out, False
+
+    def wait(self):
+        if not self.done:
+            self.out[...] = self.box.get(timeout=ThreadRing.TIMEOUT)
+            self.done = True
+        return self.out
+
+
+class _RingMember:
+    name = "cp"
+
+    def __init__(self, ring, rank):
+        self.ring, self.rank, self.size = ring, rank, ring.size
+        self.sent = []
+
+    def isend(self, x, peer, tag=0):
+        self.sent.append(("send", tag, x.nbytes))
+        self.ring.box(self.rank, peer, tag).put(numpy.array(x, copy=True))
+        return _Arrived()
+
+    def irecv(self, out, peer, tag=0):
+        return _Receive(self.ring.box(peer, self.rank, tag), out)
+
+    def batch_isend_irecv(self, ops):
+        return [self.isend(a, p, t) if kind == "send" else self.irecv(a, p, t) for kind, a, p, t in ops]
 
 
 def gpt2_reference_logits(w: dict, inputs, heads: int) -> numpy.ndarray:

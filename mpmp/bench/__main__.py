@@ -1,4 +1,4 @@
-"""`python -m mpmp.bench {comm,pipeline,train,generate} [options]`: run one benchmark under mpirun.
+"""`python -m mpmp.bench {comm,pipeline,train,generate,cp} [options]`: run one benchmark under mpirun.
 
 Each benchmark is a module of this package with a `main(argv)`; it is imported only when chosen, so
 one that is missing or broken does not stop the others.
@@ -12,6 +12,7 @@ BENCHES = {
     "pipeline": "the pipeline engine and its schedules",
     "train": "training steps of a layout",
     "generate": "generation per layout: prefill, decode latency, tokens/s, KV cache vs recomputation",
+    "cp": "one long sequence: one rank, tp + SP, and context parallelism (ring attention)",
 }
 
 

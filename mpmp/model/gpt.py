@@ -18,6 +18,7 @@ from mpmp.config import ModelConfig
 from mpmp.nn import layers as L
 from mpmp.nn import parallel as P
 from mpmp.nn.kernels import kernels
+from mpmp.nn.ring import RingAttention
 
 
 @dataclass(frozen=True)
@@ -90,9 +91,10 @@ def unit_params(cfg: ModelConfig, unit: int) -> list[str]:
 
 @dataclass
 class MicroBatch:
-    inputs: object  # [b, S] token ids (first stage)
-    targets: object  # [b, S] token ids (last stage)
+    inputs: object  # [b, S] token ids (first stage); [b, S/cp] under context parallelism
+    targets: object  # [b, S] token ids (last stage); [b, S/cp] under context parallelism
     loss_scale: float  # 1 / (tokens in the global batch): the loss is the global mean
+    positions: object = None  # context parallelism: this rank's positions (data.context_positions)
 
 
 class Embedding:
@@ -118,10 +120,12 @@ class Embedding:
         ids = mb.inputs
         out, cache = self.tok.forward(ids)
         lo, hi = self._positions(ids.shape[1])
-        # + wpe[lo:hi] for every sequence: a bias over the flattened [positions x D] of each one
+        # context parallelism: this rank's tokens sit at mb.positions of the sequence (distinct rows)
+        rows = slice(lo, hi) if mb.positions is None else mb.positions[lo:hi]
+        # + wpe[rows] for every sequence: a bias over the flattened [positions x D] of each one
         b = out.shape[0]
-        out = self.F.bias_add_(out.reshape(b, -1), self.wpe.data[lo:hi].reshape(-1)).reshape(out.shape)
-        return out, (cache, lo, hi)
+        out = self.F.bias_add_(out.reshape(b, -1), self.wpe.data[rows].reshape(-1)).reshape(out.shape)
+        return out, (cache, rows)
 
     def forward_kv(self, ids, kv):
         """Generation: ids [B, t] are the next t tokens, at positions kv.length ... kv.length + t - 1."""
@@ -130,12 +134,22 @@ class Embedding:
         return self.F.bias_add_(out.reshape(out.shape[0], -1), positions).reshape(out.shape)
 
     def backward(self, dy, cache, wgrad=None):
-        tok_cache, lo, hi = cache
-        # wpe[lo:hi]'s gradient is dy summed over the sequences: the bias gradient of the forward's view
-        rows = self.wpe.grad[lo:hi].reshape(-1)
-        L.defer(wgrad, self.F.bias_backward, dy.reshape(dy.shape[0], -1), rows)
+        tok_cache, rows = cache
+        L.defer(wgrad, _position_grads, self.F, self.wpe.grad, rows, dy)
         self.tok.backward(dy, tok_cache, wgrad)
         return None
+
+
+def _position_grads(F, grad, rows, dy):
+    """wpe[rows]'s gradient is dy summed over the sequences: the bias gradient of the forward's view.
+    Rows that context parallelism gathers (an index array, no view) collect it in a scratch first."""
+    dy = dy.reshape(dy.shape[0], -1)
+    if isinstance(rows, slice):
+        F.bias_backward(dy, grad[rows].reshape(-1))
+        return
+    scratch = xp().zeros(dy.shape[1], dtype=grad.dtype)
+    F.bias_backward(dy, scratch)
+    grad[rows] += scratch.reshape(-1, grad.shape[1])
 
 
 class Head:
@@ -262,14 +276,16 @@ class ParamStore:
         return self.params[name]
 
 
-def build_block(i, store, group, sp, recompute):
+def build_block(i, store, group, sp, recompute, cp_group=None):
     h = f"h.{i}."
     heads_local = store.cfg.heads // group.size
+    keep_probs = recompute != "selective"
     attn = L.Attention(
         P.ColumnParallelLinear(store[h + "attn.c_attn.weight"], store[h + "attn.c_attn.bias"], group, sp),
         P.RowParallelLinear(store[h + "attn.c_proj.weight"], store[h + "attn.c_proj.bias"], group, sp),
         heads_local,
-        keep_probs=recompute != "selective",
+        keep_probs=keep_probs,
+        core=RingAttention(cp_group, keep_probs) if cp_group is not None and cp_group.size > 1 else None,
     )
     mlp = L.MLP(
         P.ColumnParallelLinear(store[h + "mlp.c_fc.weight"], store[h + "mlp.c_fc.bias"], group, sp),
@@ -288,6 +304,8 @@ class GPT:
     recompute: none | selective | full. dtype: float32 (float64 for finite-difference tests).
     precision: None, or "bf16"/"fp16" for activations rounded to that format between modules (NumPy's
     emulation; on a GPU the arrays are held in the format and precision stays None).
+    cp_group: the context-parallel group; of size > 1, attention is ring attention over it and each
+    micro-batch holds this rank's positions of its sequences.
     """
 
     def __init__(
@@ -301,6 +319,7 @@ class GPT:
         recompute="none",
         dtype=numpy.float32,
         precision=None,
+        cp_group=None,
     ):
         self.cfg = cfg
         group = group or SelfGroup("tp")
@@ -317,7 +336,7 @@ class GPT:
                     ln_f = L.LayerNorm(store["ln_f.weight"], store["ln_f.bias"])
                     modules.append(Head(ln_f, store["wte.weight"], group, sp, cfg.vocab))
                 else:
-                    modules.append(build_block(u - 1, store, group, sp, recompute))
+                    modules.append(build_block(u - 1, store, group, sp, recompute, cp_group))
             self.chunks.append(Chunk(modules, start, end, cfg.units, precision))
         holds_embed = any(c.is_first for c in self.chunks)
         if not holds_embed and any(c.is_last for c in self.chunks):
@@ -357,7 +376,9 @@ def _unique(params):
     return out
 
 
-def split_microbatches(inputs, targets, m, loss_scale):
-    """A replica's [b*m, S] share of the batch -> m consecutive MicroBatches."""
+def split_microbatches(inputs, targets, m, loss_scale, positions=None):
+    """A replica's [b*m, S] share of the batch -> m consecutive MicroBatches (positions: a cp rank's)."""
     b = inputs.shape[0] // m
-    return [MicroBatch(inputs[i * b : (i + 1) * b], targets[i * b : (i + 1) * b], loss_scale) for i in range(m)]
+    return [
+        MicroBatch(inputs[i * b : (i + 1) * b], targets[i * b : (i + 1) * b], loss_scale, positions) for i in range(m)
+    ]

@@ -218,6 +218,93 @@ def attention_backward(dout, cache):
     return dq, dk, dv
 
 
+# ---------------------------------------------------------------------------------------------
+# Blockwise causal attention with the online softmax: the kernels of ring attention
+# (Liu et al. 2023, "Ring Attention with Blockwise Transformers", arXiv 2310.01889; the rescaling and
+# the saved log-sum-exp as in FlashAttention-2, arXiv 2307.08691 §3.1). A query chunk meets the key
+# chunks one block at a time; its running row max m, row sum l and output numerator o absorb each
+# block, so no [T, T] score matrix exists at once. nn/ring.py moves the key/value chunks.
+# ---------------------------------------------------------------------------------------------
+
+FULL, DIAGONAL = "full", "diagonal"
+
+
+def block_mask(q_chunk: int, k_chunk: int) -> str | None:
+    """The causal mask between two equal-length chunks of one sequence, by their chunk indices: every
+    key of an earlier chunk is visible (FULL), of the same chunk the lower triangle (DIAGONAL), of a
+    later chunk none (None: the block is skipped)."""
+    if k_chunk < q_chunk:
+        return FULL
+    return DIAGONAL if k_chunk == q_chunk else None
+
+
+def attention_block_forward(qs, k, v, stats, mask):
+    """Absorb one (query chunk, key chunk) block into the query chunk's online softmax.
+
+    qs [B, H, c, hd] (scaled by 1/sqrt(hd)), k, v [B, H, c', hd]; stats = (o, m, l) of the blocks so
+    far (None before the first): output numerator [B, H, c, hd], row max and row sum [B, H, c, 1],
+    updated in place. Returns (stats, p, m): the block's exp(s - m), and the max it is relative to
+    (probabilities once multiplied by exp(m - lse): normalize_block_probs).
+    """
+    xp = array_module(qs)
+    s = qs @ k.swapaxes(-1, -2)
+    if mask == DIAGONAL:
+        s += _causal_mask(xp, s.shape[-1], s.dtype)
+    m_new = s.max(axis=-1, keepdims=True)
+    if stats is not None:
+        o, m, l = stats
+        m_new = xp.maximum(m, m_new)  # never -inf: every block's rows see at least one key
+    s -= m_new
+    p = xp.exp(s, out=s)  # p = exp(s - m_new)
+    if stats is None:
+        return (p @ v, m_new, p.sum(axis=-1, keepdims=True)), p, m_new
+    corr = xp.exp(m - m_new)  # rescales what was summed relative to the old max
+    l *= corr
+    l += p.sum(axis=-1, keepdims=True)  # l = l·corr + rowsum(p)
+    o *= corr
+    o += p @ v  # o = o·corr + p v
+    return (o, m_new, l), p, m_new
+
+
+def attention_blocks_finish(stats):
+    """(out, lse) of a query chunk from its final stats: out = o / l, lse = m + log l (the
+    log-sum-exp of its scores, all backward needs to rebuild any block's probabilities)."""
+    xp = array_module(stats[0])
+    o, m, l = stats
+    return o / l, m + xp.log(l)
+
+
+def normalize_block_probs(p, m, lse):
+    """A kept block's exp(s - m) -> its softmax probabilities exp(s - lse), in place."""
+    xp = array_module(p)
+    p *= xp.exp(m - lse)
+    return p
+
+
+def attention_delta(dout, out):
+    """FlashAttention-2's D = rowsum(dout * out) [B, H, c, 1]: the softmax backward's sum(dp * p) of a
+    query row over all its blocks, from quantities the query's rank holds."""
+    return (dout * out).sum(axis=-1, keepdims=True)
+
+
+def attention_block_backward(dout, delta, qs, k, v, lse, *, mask, p=None):
+    """Gradients of one block: (dqs, dk, dv), dqs with respect to the scaled queries (multiply by
+    1/sqrt(hd) once, after summing over blocks). p: the block's kept probabilities, or None to rebuild
+    them from qs, k and lse (selective recomputation, never the whole [T, T] at once)."""
+    xp = array_module(qs)
+    if p is None:
+        p = qs @ k.swapaxes(-1, -2)
+        if mask == DIAGONAL:
+            p += _causal_mask(xp, p.shape[-1], p.dtype)
+        p -= lse
+        xp.exp(p, out=p)  # p = exp(s - lse)
+    dv = p.swapaxes(-1, -2) @ dout
+    ds = dout @ v.swapaxes(-1, -2)  # dp
+    ds -= delta
+    ds *= p  # ds = p * (dp - D)
+    return ds @ k, ds.swapaxes(-1, -2) @ qs, dv
+
+
 def attention_forward_kv(q, k, v):
     """Attention of the newest t positions over every position so far, for generation with a KV cache.
 

@@ -80,11 +80,15 @@ class Attention:
 
     c_attn and c_proj are a column- and a row-parallel linear (nn/parallel.py); on a tp group of size 1
     they are the dense layers, so the same block serves one process and any tp. keep_probs=False recomputes the softmax in backward.
+    core: None for the dense kernel, or an object with forward(q, k, v) -> (o, cache) and
+    backward(do, cache) -> (dq, dk, dv) over the same [B, H, T, hd] (context parallelism's ring,
+    nn/ring.RingAttention).
     """
 
-    def __init__(self, c_attn, c_proj, n_heads_local, keep_probs=True):
+    def __init__(self, c_attn, c_proj, n_heads_local, keep_probs=True, core=None):
         self.c_attn, self.c_proj, self.n_heads = c_attn, c_proj, n_heads_local
         self.keep_probs = keep_probs
+        self.core = core
         self.F = kernels()
 
     def parameters(self):
@@ -95,7 +99,10 @@ class Attention:
         qkv, c_attn_cache = self.c_attn.forward(x)
         q, k, v = F.split_heads(qkv, self.n_heads)
         del qkv
-        o, core_cache = F.attention_forward(q, k, v, keep_probs=self.keep_probs)
+        if self.core is None:
+            o, core_cache = F.attention_forward(q, k, v, keep_probs=self.keep_probs)
+        else:
+            o, core_cache = self.core.forward(q, k, v)
         y, c_proj_cache = self.c_proj.forward(F.merge_heads(o))
         return y, (c_attn_cache, core_cache, c_proj_cache)
 
@@ -116,7 +123,8 @@ class Attention:
         F = self.F
         c_attn_cache, core_cache, c_proj_cache = cache
         do = self.c_proj.backward(dy, c_proj_cache, wgrad)
-        dq, dk, dv = F.attention_backward(F.split_heads_grad(do, self.n_heads), core_cache)
+        core_backward = F.attention_backward if self.core is None else self.core.backward
+        dq, dk, dv = core_backward(F.split_heads_grad(do, self.n_heads), core_cache)
         return self.c_attn.backward(F.merge_heads_qkv(dq, dk, dv), c_attn_cache, wgrad)
 
 

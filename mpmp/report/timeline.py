@@ -88,11 +88,11 @@ def _draw_comm(ax, r: int, spans: list, t0: float):
 
 
 def _rank_labels(trace: Trace) -> list:
-    if trace.layout["cp"] > 1:  # the grid's order with cp is the grid's business; name the rank only
-        return [f"rank {r}" for r in range(trace.world)]
-    tp, dp = trace.layout["tp"], trace.layout["dp"]
-    coords = [coord_of(r, tp, dp) for r in range(trace.world)]
-    return [f"rank {r}\npp {c.pp} tp {c.tp} dp {c.dp}" for r, c in enumerate(coords)]
+    tp, dp, cp = trace.layout["tp"], trace.layout["dp"], trace.layout["cp"]
+    coords = [coord_of(r, tp, dp, cp) for r in range(trace.world)]
+    return [
+        f"rank {r}\npp {c.pp} tp {c.tp} dp {c.dp}" + (f" cp {c.cp}" if cp > 1 else "") for r, c in enumerate(coords)
+    ]
 
 
 def _legend_entries(view: StepView) -> list:

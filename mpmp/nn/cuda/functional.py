@@ -27,11 +27,21 @@ from mpmp.nn.cuda import elementwise as EW
 from mpmp.nn.cuda.gemm import batched_matmul, matmul
 
 # Pure data movement: the array-module-agnostic NumPy code already runs on CuPy arrays of any
-# storage (bf16 patterns move like any uint16), so the same functions serve both.
+# storage (bf16 patterns move like any uint16), so the same functions serve both. Ring attention's
+# blockwise kernels (context parallelism: block_mask ... normalize_block_probs) are the same NumPy
+# code on CuPy arrays too, fp32 storage only, until fused (FlashAttention-style) twins land.
 from mpmp.nn.functional import (  # noqa: F401  (re-exported: part of the mirror)
+    DIAGONAL,
+    FULL,
+    attention_block_backward,
+    attention_block_forward,
+    attention_blocks_finish,
+    attention_delta,
+    block_mask,
     embedding_forward,
     merge_heads,
     merge_heads_qkv,
+    normalize_block_probs,
     split_heads,
     split_heads_grad,
 )
