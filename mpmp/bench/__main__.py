@@ -11,6 +11,7 @@ BENCHES = {
     "comm": "collectives and send/recv: mpmp's Group beside raw mpi4py, nccl-tests' busbw",
     "pipeline": "the pipeline engine and its schedules",
     "train": "training steps of a layout",
+    "plan": "the planner's predicted step time beside the measured one",
 }
 
 
