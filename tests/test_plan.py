@@ -12,6 +12,7 @@ from mpmp.errors import ConfigError
 from mpmp.pipeline import schedules
 from mpmp.plan import hardware, memory, search, step_time
 from mpmp.plan.__main__ import main as plan_main
+from mpmp.plan.stages import chunk_ranges
 
 CFG = ModelConfig(vocab=37, seq_len=8, d_model=16, layers=3, heads=4)
 
@@ -91,7 +92,7 @@ def zero_bubble_costs(cfg):
     last = cfg.model.units - 1
     costs = []
     for stage in range(cfg.parallel.pp):
-        ((a, e),) = step_time.chunk_ranges(cfg, stage)
+        ((a, e),) = chunk_ranges(cfg, stage)
         blocks = max(0, min(e, last) - max(a, 1))
         costs.append([tuple(blocks * x for x in per_layer)])
     return costs
@@ -223,3 +224,12 @@ def test_json_with_the_layout_free_lists_every_layout_best_first(capsys):
     } & {(p["tp"], p["pp"]) for p in plans}
     assert [p["step_s"] for p in runnable] == sorted(p["step_s"] for p in runnable)
     assert all(p["rejected"] for p in plans if not p["fits"])
+
+
+def test_the_planner_imports_no_mpi():
+    import subprocess
+    import sys
+
+    code = "import sys; from mpmp.plan.__main__ import main; main(['--gpus', '8', '--layers', '6']); print('mpi4py' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False"

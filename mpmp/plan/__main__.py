@@ -103,13 +103,13 @@ def plan_main(argv) -> int:
         if args.json:
             print(json.dumps(table.plan_json(plan, hw, sw, why), indent=1))
         else:
-            print(table.render(req.cfg, hw, sw, req.gpus, [plan], rejected))
+            print(table.render(req, hw, [plan], rejected))
         return 0
     if args.json:
         out = [table.plan_json(p, hw, sw) for p in plans] + [table.rejected_json(r, hw, sw) for r in rejected]
         print(json.dumps(out, indent=1))
     else:
-        print(table.render(req.cfg, hw, sw, req.gpus, plans, rejected, args.top))
+        print(table.render(req, hw, plans, rejected, limit=args.top))
     return 0
 
 

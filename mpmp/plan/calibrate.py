@@ -1,7 +1,7 @@
 """python -m mpmp.plan calibrate [--out FILE]: measure this machine and write a `cpu` profile.
 
 Compute rates come from subprocesses with a fixed BLAS thread count (mpmp sets the count before NumPy
-loads, so one process cannot measure both): one core (float32 GEMM of 1024x256x1024, elementwise passes in and
+loads, so one process cannot measure both): one core (float32 GEMMs with inner dimensions 256 and 64, elementwise passes in and
 out of cache, exp and tanh, np.add.at, the cost of one NumPy call) and every core (the GEMM's parallel
 efficiency). MPI latency, bandwidth and overlap come from `mpirun -n 2 python -m mpmp.plan._pingpong`
 (skipped with --no-mpi, or when mpirun is missing: then the link keys keep the shipped values).
@@ -37,9 +37,7 @@ def probe() -> dict:
     import numpy
 
     rng = numpy.random.default_rng(0)
-    m, k, n = 1024, 256, 1024  # the shape of a small model's products (tokens x d_model x 4 d_model)
-    a, b = rng.standard_normal((m, k), dtype=numpy.float32), rng.standard_normal((k, n), dtype=numpy.float32)
-    out = {"gemm_flops": 2 * m * k * n / _median_time(lambda: a @ b, 15)}
+    out = dict(zip(("gemm_flops", "gemm_k_half"), _gemm_rates(rng)))
     # within the L2 cache, and well beyond it (arrays of 4 MiB: what a layer's activations span)
     out["cache_bandwidth"] = _elementwise_bandwidth(rng, 1 << 15)
     out["memory_bandwidth"] = _elementwise_bandwidth(rng, 1 << 20)
@@ -53,6 +51,22 @@ def probe() -> dict:
     tiny = numpy.ones(4, numpy.float32)
     out["kernel_overhead_s"] = _median_time(lambda: [tiny * tiny for _ in range(100)], 21) / 100
     return out
+
+
+def _gemm_rates(rng) -> tuple[float, float]:
+    """(rate, k_half) of rate·k/(k + k_half), from a small model's product (1024 x 256 x 1024: tokens,
+    d_model, 4 d_model) and a batch of attention products (32 of 128 x 64 x 128: inner dimension 64)."""
+    import numpy
+
+    def flops_per_s(batch, m, k, n):
+        a = rng.standard_normal((batch, m, k), dtype=numpy.float32)
+        b = rng.standard_normal((batch, k, n), dtype=numpy.float32)
+        return 2 * batch * m * k * n / _median_time(lambda: a @ b, 15)
+
+    wide, narrow = flops_per_s(1, 1024, 256, 1024), flops_per_s(32, 128, 64, 128)
+    q = min(max(wide / narrow, 1.0), 3.9)  # rate(256) / rate(64) = 4 (64 + k_half) / (256 + k_half)
+    k_half = 256 * (q - 1) / (4 - q)
+    return wide * (256 + k_half) / 256, k_half
 
 
 def _elementwise_bandwidth(rng, size: int) -> float:
@@ -73,7 +87,7 @@ def _run_probe(threads: int) -> dict:
     return json.loads(done.stdout)
 
 
-def _run_pingpong() -> dict | None:
+def run_pingpong() -> dict | None:
     mpirun = shutil.which("mpirun") or shutil.which("mpiexec")
     if mpirun is None:
         return None
@@ -103,12 +117,12 @@ def _memory_bytes() -> float:
     return 8 * 2**30
 
 
-def measure(mpi: bool = True) -> hardware.Hardware:
+def measure(link: dict | None = None) -> hardware.Hardware:
+    """A cpu profile from this machine's compute probes and, when given, a pingpong result (run_pingpong)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     one = _run_probe(1)
     every = _run_probe(cores) if cores > 1 else one
     base = hardware.from_dict(json.loads((hardware.SHIPPED / "cpu.json").read_text()), "shipped cpu profile")
-    link = _run_pingpong() if mpi else None
     intra = hardware.Link(link["latency_s"], link["bandwidth"]) if link else base.intra_node
     return hardware.Hardware(
         name="cpu", about=f"measured by python -m mpmp.plan calibrate on {os.uname().nodename}, "
@@ -116,6 +130,7 @@ def measure(mpi: bool = True) -> hardware.Hardware:
         memory_bytes=_memory_bytes(), memory_usable=0.8, devices_per_node=4096, cores_per_node=cores,
         parallel_efficiency=min(1.0, every["gemm_flops"] / (cores * one["gemm_flops"])),
         peak_flops=one["gemm_flops"] * cores, gemm_flops=one["gemm_flops"], gemm_flops_fp32=one["gemm_flops"],
+        gemm_k_half=one["gemm_k_half"],
         memory_bandwidth=one["memory_bandwidth"], cache_bytes=_cache_bytes(), cache_bandwidth=one["cache_bandwidth"],
         transcendental_rate=one["transcendental_rate"], scatter_rate=one["scatter_rate"],
         kernel_overhead_s=one["kernel_overhead_s"], kernels="numpy", storage="emulated",
@@ -132,7 +147,7 @@ def main(argv=None) -> int:
     if args.probe:
         print(json.dumps(probe()))
         return 0
-    hw = measure(mpi=not args.no_mpi)
+    hw = measure(None if args.no_mpi else run_pingpong())
     path = hardware.save(hw, args.out or hardware.user_dir() / "cpu.json")
     print(json.dumps(hw.to_dict(), indent=1))
     print(f"profile written to {path}", file=sys.stderr)

@@ -33,24 +33,13 @@ from mpmp.comm.grid import Coord, world_rank
 from mpmp.comm.ledger import wire_bytes
 from mpmp.config import TrainConfig
 from mpmp.plan.memory import LOW, flat_layout
-from mpmp.plan.stages import chunk_ranges
+from mpmp.plan.stages import chunk_ranges, unit_counts
 
 GROUPS = ("tp", "pp", "dp", "embed", "mp", "world")
 
 
 def wire_itemsize(cfg: TrainConfig) -> int:
     return 2 if cfg.dtype in LOW else 4
-
-
-def unit_counts(cfg: TrainConfig, ranges) -> dict:
-    """{unit: how many of its kind} over unit ranges: 0 (embedding), 1 (standing for every block), L+1."""
-    last = cfg.model.units - 1
-    out = defaultdict(int)
-    for a, b in ranges:
-        out[0] += a == 0
-        out[last] += b > last
-        out[1] += max(0, min(b, last) - max(a, 1))
-    return {u: n for u, n in out.items() if n}
 
 
 def tp_ops(cfg: TrainConfig, unit: int, micro_batch: int) -> dict:

@@ -14,6 +14,9 @@ not data-sheet peaks; per device = per GPU, or per core on CPUs):
   peak_flops         data-sheet matrix peak in the training dtype: only for the "% of peak" column
   gemm_flops         achieved FLOP/s of large matrix products in bf16/fp16 (CPU: float32, one core)
   gemm_flops_fp32    the same for fp32 training (GPUs: TF32 or FP32 units)
+  gemm_k_half        the inner dimension k at which a product runs at half those rates: a product of
+                     inner dimension k runs at rate·k/(k + gemm_k_half) (CPU BLAS packs its operands
+                     per product; 0: no such loss, as the roofline covers GPUs)
   memory_bandwidth   achieved bytes/s of elementwise kernels streaming arrays from memory
   cache_bytes        arrays up to this size run at cache_bandwidth instead (0: no such level)
   cache_bandwidth    achieved bytes/s of elementwise kernels on arrays that fit in cache_bytes
@@ -64,6 +67,7 @@ class Hardware:
     peak_flops: float
     gemm_flops: float
     gemm_flops_fp32: float
+    gemm_k_half: float
     memory_bandwidth: float
     cache_bytes: float
     cache_bandwidth: float

@@ -8,6 +8,7 @@ every replica of a stage holds the same shapes, so one description per stage ser
 arrays are built by tiling one block's 12 tensors, so 100,000 layers cost milliseconds.
 """
 
+from collections import defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -56,6 +57,17 @@ def chunk_ranges(cfg: TrainConfig, stage: int) -> list[tuple[int, int]]:
     par = cfg.parallel
     parts = split(cfg.model, par.partition, par.pp * par.virtual_stages)
     return partition.stage_ranges(list(parts), par.pp, stage, par.virtual_stages)
+
+
+def unit_counts(cfg: TrainConfig, ranges) -> dict:
+    """{unit: how many of its kind} over unit ranges: 0 (embedding), 1 (standing for every block), L+1."""
+    last = cfg.model.units - 1
+    out = defaultdict(int)
+    for a, b in ranges:
+        out[0] += a == 0
+        out[last] += b > last
+        out[1] += max(0, min(b, last) - max(a, 1))
+    return {u: n for u, n in out.items() if n}
 
 
 def _chunk_tensors(model: ModelConfig, tp: int, start: int, end: int, wte_held: bool):

@@ -27,7 +27,7 @@ from mpmp.nn.parallel import padded_vocab
 from mpmp.plan import comm, kernels
 from mpmp.plan.memory import LOW, flat_layout
 from mpmp.plan.schedule import BW, F, W, orders, splits_backward
-from mpmp.plan.stages import chunk_ranges
+from mpmp.plan.stages import chunk_ranges, unit_counts
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def op_seconds(op, hw, r: Rates) -> float:
     if kind == "gemm":
         _, m, k, n, batch = op
         nbytes = (m * k + k * n + m * n) * r.e
-        compute = 2.0 * m * k * n * batch / r.gemm_flops
+        compute = 2.0 * m * k * n * batch / (r.gemm_flops * k / (k + hw.gemm_k_half))
         return max(compute, batch * nbytes / _bandwidth(hw, nbytes) * r.slowdown) + hw.kernel_overhead_s
     if kind == "ew":
         _, n, per_element, calls = op
@@ -136,7 +136,7 @@ def stage_costs(cfg: TrainConfig, stage: int, unit_s: dict) -> list[tuple[float,
     """[(F, B, W)] per chunk of the stage."""
     out = []
     for a, b in chunk_ranges(cfg, stage):
-        counts = comm.unit_counts(cfg, [(a, b)])
+        counts = unit_counts(cfg, [(a, b)])
         out.append(tuple(sum(n * unit_s[u][i] for u, n in counts.items()) for i in range(3)))
     return out
 

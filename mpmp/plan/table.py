@@ -83,8 +83,10 @@ def row(plan, hw) -> str:
     )
 
 
-def render(cfg, hw, sw, gpus, plans, rejected, limit: int = 0) -> str:
-    lines = [header(cfg, hw, sw, gpus), "", COLUMNS]
+def render(req, hw, plans, rejected, *, limit: int = 0) -> str:
+    """The table: the plans best first (at most `limit`, 0 = all), the layouts that cannot run and why,
+    and the best plan's memory by stage."""
+    lines = [header(req.cfg, hw, req.software, req.gpus), "", COLUMNS]
     shown = plans[:limit] if limit else plans
     lines += [row(p, hw) for p in shown]
     if len(shown) < len(plans):
