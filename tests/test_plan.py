@@ -233,3 +233,14 @@ def test_the_planner_imports_no_mpi():
     code = "import sys; from mpmp.plan.__main__ import main; main(['--gpus', '8', '--layers', '6']); print('mpi4py' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "False"
+
+
+def test_without_asynchronous_progress_a_transfer_waits_for_the_senders_next_mpi_call():
+    """MPI without a progress thread moves a rendezvous message only inside MPI calls: under GPipe the
+    first stage's next call after sending micro-batch 0 is the send of micro-batch 1, one forward later."""
+    cfg = TrainConfig(model=ModelConfig(layers=4), parallel=ParallelConfig(pp=2, schedule="gpipe", micro_batches=3))
+    costs = [[(1.0, 2.0, 0.0)]] * 2
+    eager = step_time.retime(cfg, costs, [0.0, 0.0], keep=True)
+    stalled = step_time.retime(cfg, costs, [0.0, 0.0], keep=True, progress=False)
+    assert eager.timeline[1][0][0] == 1.0 and stalled.timeline[1][0][0] == 2.0
+    assert max(stalled.end) >= max(eager.end)

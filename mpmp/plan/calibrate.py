@@ -37,7 +37,7 @@ def probe() -> dict:
     import numpy
 
     rng = numpy.random.default_rng(0)
-    out = dict(zip(("gemm_flops", "gemm_k_half"), _gemm_rates(rng)))
+    out = dict(zip(("gemm_flops", "gemm_k_half", "gemm_wide"), _gemm_rates(rng)))
     # within the L2 cache, and well beyond it (arrays of 4 MiB: what a layer's activations span)
     out["cache_bandwidth"] = _elementwise_bandwidth(rng, 1 << 15)
     out["memory_bandwidth"] = _elementwise_bandwidth(rng, 1 << 20)
@@ -53,9 +53,10 @@ def probe() -> dict:
     return out
 
 
-def _gemm_rates(rng) -> tuple[float, float]:
+def _gemm_rates(rng) -> tuple[float, float, float]:
     """(rate, k_half) of rate·k/(k + k_half), from a small model's product (1024 x 256 x 1024: tokens,
-    d_model, 4 d_model) and a batch of attention products (32 of 128 x 64 x 128: inner dimension 64)."""
+    d_model, 4 d_model) and a batch of attention products (32 of 128 x 64 x 128: inner dimension 64);
+    and the first product's own rate."""
     import numpy
 
     def flops_per_s(batch, m, k, n):
@@ -66,7 +67,7 @@ def _gemm_rates(rng) -> tuple[float, float]:
     wide, narrow = flops_per_s(1, 1024, 256, 1024), flops_per_s(32, 128, 64, 128)
     q = min(max(wide / narrow, 1.0), 3.9)  # rate(256) / rate(64) = 4 (64 + k_half) / (256 + k_half)
     k_half = 256 * (q - 1) / (4 - q)
-    return wide * (256 + k_half) / 256, k_half
+    return wide * (256 + k_half) / 256, k_half, wide
 
 
 def _elementwise_bandwidth(rng, size: int) -> float:
@@ -128,7 +129,7 @@ def measure(link: dict | None = None) -> hardware.Hardware:
         name="cpu", about=f"measured by python -m mpmp.plan calibrate on {os.uname().nodename}, "
         f"{time.strftime('%Y-%m-%d')}: {cores} cores" + ("" if link else "; MPI link not measured (shipped values)"),
         memory_bytes=_memory_bytes(), memory_usable=0.8, devices_per_node=4096, cores_per_node=cores,
-        parallel_efficiency=min(1.0, every["gemm_flops"] / (cores * one["gemm_flops"])),
+        parallel_efficiency=min(1.0, every["gemm_wide"] / (cores * one["gemm_wide"])),
         peak_flops=one["gemm_flops"] * cores, gemm_flops=one["gemm_flops"], gemm_flops_fp32=one["gemm_flops"],
         gemm_k_half=one["gemm_k_half"],
         memory_bandwidth=one["memory_bandwidth"], cache_bytes=_cache_bytes(), cache_bandwidth=one["cache_bandwidth"],

@@ -26,7 +26,7 @@ from mpmp.config import ParallelConfig, TrainConfig
 from mpmp.nn.parallel import padded_vocab
 from mpmp.plan import comm, kernels
 from mpmp.plan.memory import LOW, flat_layout
-from mpmp.plan.schedule import BW, F, W, orders, splits_backward
+from mpmp.plan.schedule import BW, B, F, W, orders, splits_backward
 from mpmp.plan.stages import chunk_ranges, unit_counts
 
 
@@ -178,17 +178,26 @@ class PipelineRun:
         return 1 - sum(self.busy) / (max(self.end) * len(self.end))
 
 
-def retime(cfg: TrainConfig, costs: list, p2p: list, keep: bool = False) -> PipelineRun:
+def retime(cfg: TrainConfig, costs: list, p2p: list, keep: bool = False, progress: bool = True) -> PipelineRun:
     """Run the stages' computation orders against each other (see the module docstring).
-    costs[s][c] = (F, B, W) seconds of stage s's chunk c; p2p[vs] = seconds from vs to vs + 1."""
+    costs[s][c] = (F, B, W) seconds of stage s's chunk c; p2p[vs] = seconds from vs to vs + 1.
+    progress=False: MPI without asynchronous progress, where a large (rendezvous) message moves only
+    while its sender is inside MPI: it arrives no sooner than the sender's next send or receive."""
     par = cfg.parallel
     pp, v, m = par.pp, par.virtual_stages, par.micro_batches
     sched = [tuple(a.tolist() for a in o) for o in orders(par.schedule, pp, m, v)]
     n_vs = pp * v
-    f_done, b_done = [None] * (m * n_vs), [None] * (m * n_vs)  # end time, by mb·n_vs + vs
+    arrive = ([None] * (m * n_vs), [None] * (m * n_vs))  # activation, gradient: arrival by mb·n_vs + vs
+    pending = [[] for _ in range(pp)]  # without progress: (table, key, ready) sent, not yet moved
     pos, clock, busy = [0] * pp, [0.0] * pp, [0.0] * pp
     final = [{} for _ in range(pp)]
     timeline = [[] for _ in range(pp)] if keep else None
+
+    def deliver(s, now):  # stage s enters MPI at `now`: its pending messages move
+        for table, key, ready in pending[s]:
+            table[key] = max(ready, now)
+        pending[s].clear()
+
     remaining = sum(len(k) for k, _, _ in sched)
     while remaining:
         moved = 0
@@ -197,34 +206,35 @@ def retime(cfg: TrainConfig, costs: list, p2p: list, keep: bool = False) -> Pipe
             p, c, work, cost = pos[s], clock[s], busy[s], costs[s]
             while p < len(kinds):
                 kind, ch = kinds[p], chunks[p]
-                key = mbs[p] * n_vs + ch * pp + s
-                if kind == F:
-                    if key % n_vs:  # not virtual stage 0: wait for the activation
-                        arrival = f_done[key - 1]
-                        if arrival is None:
-                            break
-                        c = max(c, arrival + p2p[key % n_vs - 1])
-                    dt = cost[ch][0]
-                elif kind == W:
-                    dt = cost[ch][2]
-                else:
-                    if key % n_vs < n_vs - 1:  # not the last virtual stage: wait for the gradient
-                        arrival = b_done[key + 1]
-                        if arrival is None:
-                            break
-                        c = max(c, arrival + p2p[key % n_vs])
-                    dt = cost[ch][1] + (cost[ch][2] if kind == BW else 0.0)
+                vs = ch * pp + s
+                key = mbs[p] * n_vs + vs
+                # F receives from vs - 1 and sends to vs + 1; B the other way round; W neither
+                source = None if kind == W else (key - 1, 0, vs - 1) if kind == F else (key + 1, 1, vs)
+                if source is not None and 0 <= source[2] and (kind == F or vs < n_vs - 1):
+                    deliver(s, c)
+                    arrival = arrive[source[1]][source[0]]
+                    if arrival is None:
+                        break
+                    c = max(c, arrival)
+                f, b, w = cost[ch]
+                dt = f if kind == F else w if kind == W else b + (w if kind == BW else 0.0)
                 start, c = c, c + dt
                 work += dt
-                if kind == F:
-                    f_done[key] = c
-                elif kind != W:
-                    b_done[key] = c
+                sends = kind == F and vs < n_vs - 1 or kind in (B, BW) and vs > 0
+                if sends:
+                    table, dest, hop = (arrive[0], key, vs) if kind == F else (arrive[1], key, vs - 1)
+                    if progress:
+                        table[dest] = c + p2p[hop]
+                    else:
+                        deliver(s, c)
+                        pending[s].append((table, dest, c + p2p[hop]))
                 if kind != F:
                     final[s][ch] = (start, c, kind)  # the last one seen is the chunk's final one
                 if keep:
                     timeline[s].append((start, c, (kind, mbs[p], ch)))
                 p += 1
+            if p == len(kinds):
+                deliver(s, c)  # ReduceGrads waits for every send
             moved += p - pos[s]
             pos[s], clock[s], busy[s] = p, c, work
         if not moved:
@@ -355,7 +365,7 @@ def _pipeline_costs(key: tuple, hw, sw: Software) -> tuple:
 def step_time(cfg: TrainConfig, hw, sw: Software = MPMP) -> StepTime:
     par = cfg.parallel
     unit_s, costs, p2p = pipeline_costs(cfg, hw, sw)
-    run = retime(cfg, costs, p2p)
+    run = retime(cfg, costs, p2p, progress=hw.overlap > 0)
     pipeline = max(run.end)
     reduced = max(reductions_end(cfg, hw, s, run, unit_s, sw) for s in range(par.pp))
     tail = tail_seconds(cfg, hw)
