@@ -15,7 +15,7 @@ F, B, W, BW = 0, 1, 2, 3  # forward, input-gradient backward, weight gradient, f
 _KIND = {S.Forward: F, S.BackwardInput: B, S.BackwardWeight: W, S.Backward: BW}
 
 
-@lru_cache(maxsize=32)
+@lru_cache(maxsize=128)
 def orders(schedule: str, pp: int, m: int, v: int = 1) -> tuple:
     """Per stage: (kind, mb, chunk) int arrays in execution order."""
     S.validate(schedule, pp, m, v)
