@@ -147,6 +147,7 @@ class Trainer:
             act_shape=(self.micro_batch, s_local, cfg.model.d_model),
             act_dtype=self.storage,
             on_grads_final=self.reducer.module_done,
+            param_buffers=(self.flat.data,),
         )
 
     # ---- one step -----------------------------------------------------------------------------

@@ -172,6 +172,14 @@ def _output_flags(g):
     g.add_argument(
         "--trace-steps", metavar="A:B", help="trace only steps A..B (1-based, inclusive; default: every step)"
     )
+    g.add_argument(
+        "--explain",
+        nargs="?",
+        const="cpu",
+        metavar="PROFILE",
+        help="end with the planner's prediction beside the run's memory, bytes per group and op, bubble and "
+        "step time (python -m mpmp.plan; hardware profile, default cpu)",
+    )
     g.add_argument("--log-every", type=_COUNT, help="progress line every K steps (default: steps/15)")
     g.add_argument("--quiet", action="store_true", help="only errors, warnings and the summary")
     g.add_argument(
@@ -376,8 +384,12 @@ def check_flags(run: Run):
 
 
 def _check_memory(run: Run, cfg: TrainConfig, inferred_vocab: bool):
-    """The cheap part of "too big to run": an embedding this machine cannot hold is refused before it
-    is allocated (a --vocab typo, or a stray huge token id the vocabulary was inferred from)."""
+    """Too big to run: refused before anything is allocated, with the numbers in GiB. First the
+    embedding alone (a --vocab typo, or a stray huge token id the vocabulary was inferred from), then
+    the planner's estimate of what each rank holds (mpmp.plan.memory: parameters, gradients, optimizer
+    state, peak activations) against this node's memory shared by its ranks. NumPy backend only."""
+    from mpmp._setup import local_ranks
+
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, OSError, ValueError):
@@ -385,6 +397,29 @@ def _check_memory(run: Run, cfg: TrainConfig, inferred_vocab: bool):
     data = run.args.data
     hint = f"; the vocabulary is the largest token id in {data} + 1: check the data or give --vocab" if data else ""
     check_embedding_fits(cfg.model, cfg.parallel.tp, memory, hint if inferred_vocab else "")
+    if backend.name() == "numpy":
+        check_rank_memory(cfg, memory // (local_ranks() if run.world_size > 1 else 1))
+
+
+def check_rank_memory(cfg: TrainConfig, per_rank_bytes: int):
+    """ConfigError when the planner's estimate of the largest rank exceeds per_rank_bytes. Under cp
+    each rank's activations are those of its S/cp positions (the weights are the whole model's)."""
+    from dataclasses import replace
+
+    from mpmp.plan.memory import per_rank
+
+    par = cfg.parallel
+    local = replace(cfg, seq_len=cfg.seq_len // par.cp, parallel=replace(par, cp=1)) if par.cp > 1 else cfg
+    worst = max(per_rank(local), key=lambda m: m.total)
+    if worst.total > per_rank_bytes:
+        gib = 2**30
+        raise ConfigError(
+            f"too big to run: a rank needs about {worst.total / gib:,.1f} GiB (parameters "
+            f"{worst.params / gib:,.1f}, gradients {worst.grads / gib:,.1f}, optimizer {worst.optimizer / gib:,.1f}, "
+            f"activations {(worst.activations + worst.workspace) / gib:,.1f}) but has {per_rank_bytes / gib:,.1f} GiB "
+            "(this node's memory over its ranks); use more ranks (--tp, --pp), --recompute full or smaller "
+            "micro-batches, or see python -m mpmp.plan"
+        )
 
 
 def prepare_together(run: Run) -> Start:
@@ -484,7 +519,9 @@ def train_loop(trainer, run: Run, append: bool) -> tuple[list, bool]:
     try:
         while trainer.step < cfg.steps and not stopped:
             led.keep_events = traced is not None and traced[0] <= trainer.step + 1 <= traced[1]
+            mark = led.mark()
             m = trainer.train_step(stop_requested=run.preempt.is_set())
+            m["comm"] = led.since(mark)  # this rank's operations of the step, for --explain
             history.append(m)
             _report_step(m, trainer, run, metrics_file)
             if m["diverged"]:
@@ -527,11 +564,39 @@ def finish(trainer, run: Run, history, stopped: bool, wall: float) -> int:
         console.line(text)
     if args.trace:
         run.say(console.write_trace(trainer.grid, args.trace, run.is_main, about=_trace_about(trainer, run)))
+    if args.explain and history:
+        text = explain_run(trainer, run, history)
+        if text:
+            console.line(text)
     if stopped:
         where = f"checkpoint saved in {args.save}" if args.save else "no --save given, nothing saved"
         run.say(f"preempted at step {trainer.step}: {where}; exit code {EXIT_PREEMPTED} asks the job to requeue")
         return EXIT_PREEMPTED
     return 0
+
+
+def explain_run(trainer, run: Run, history) -> str | None:
+    """Collective: every rank's memory and last-step operations, beside the planner's prediction (on
+    rank 0; None elsewhere). The step time is the median over the steps after the first."""
+    import statistics
+
+    from mpmp.console import MEMORY_KEYS
+
+    memory = trainer.memory()
+    mine = {
+        "memory": [memory[k] for k in MEMORY_KEYS],
+        "ops": [[g, k, *v] for (g, k), v in history[-1]["comm"].items()],
+    }
+    every = trainer.grid.world.all_gather_json(mine)
+    if not run.is_main:
+        return None
+    from mpmp.plan.explain import explain
+
+    step_s = statistics.median(h["step_s"] for h in (history[1:] or history))
+    last_step = [{(g, k): (c, b, s) for g, k, c, b, s in e["ops"]} for e in every]
+    return explain(
+        trainer.cfg, profile=run.args.explain, memory=[e["memory"] for e in every], last_step=last_step, step_s=step_s
+    )
 
 
 def _trace_about(trainer, run: Run) -> dict:

@@ -273,7 +273,7 @@ def test_an_unusable_output_path_is_refused_before_the_first_step(tmp_path, flag
     assert not (tmp_path / "ck").exists()  # refused before anything was created
 
 
-# ---- too big to run: the cheap part (the full estimate is the planner's) ---------------------------
+# ---- too big to run: the embedding alone, then the planner's estimate of a whole rank ---------------
 
 
 @pytest.mark.parametrize("source", ["--vocab", "token-id"])
@@ -288,6 +288,27 @@ def test_an_embedding_too_big_for_the_machine_is_refused_with_the_numbers(tmp_pa
     proc = run_train(*THREE, *args, timeout=60)
     line = assert_fails(proc, 2, "the embedding alone needs", "GiB per rank", "this machine has", hint)
     assert "MemoryError" not in proc.stderr, line
+
+
+@pytest.mark.parametrize("args", [["--layers", "100000"], ["--d-model", "4096", "--heads", "32", "--layers", "80"]])
+def test_a_model_too_big_for_a_rank_is_refused_at_once_with_the_planners_estimate(args):
+    """The planner's memory model (mpmp.plan.memory) sizes every rank before anything is allocated; a
+    hundred thousand layers no longer stall start-up in the partitioner."""
+    proc = run_train(*THREE, *args, timeout=60)
+    assert_fails(proc, 2, "too big to run: a rank needs about", "GiB (parameters", "activations", "python -m mpmp.plan")
+
+
+def test_the_start_up_estimate_equals_the_planners_and_passes_a_run_that_fits():
+    from mpmp.config import ModelConfig, TrainConfig
+    from mpmp.errors import ConfigError
+    from mpmp.plan.memory import per_rank
+    from mpmp.train import check_rank_memory
+
+    cfg = TrainConfig(model=ModelConfig(vocab=256, seq_len=32, d_model=32, layers=2, heads=2), seq_len=32)
+    need = max(m.total for m in per_rank(cfg))
+    check_rank_memory(cfg, need)  # exactly enough: runs
+    with pytest.raises(ConfigError, match="too big to run"):
+        check_rank_memory(cfg, need - 1)
 
 
 # ---- error output under mpirun ---------------------------------------------------------------------

@@ -71,3 +71,61 @@ def test_interleaved_chunks_of_a_stage_and_the_printed_split():
     assert stage_ranges(split, 2, 1, 2) == [split[1], split[3]]
     text = describe(split, 2, 2, cfg)
     assert "stage 1 chunk 1" in text and "head" in text
+
+
+def dynamic_programme(costs, parts):
+    """balanced_split as it was (O(parts n^2)): the reference its faster version must equal exactly."""
+    import numpy
+
+    n = len(costs)
+    prefix = numpy.concatenate([[0.0], numpy.cumsum(costs, dtype=numpy.float64)])
+    best = numpy.full((parts + 1, n + 1), float("inf"))
+    cut = numpy.zeros((parts + 1, n + 1), dtype=int)
+    best[0][0] = 0.0
+    for k in range(1, parts + 1):
+        for i in range(k, n - (parts - k) + 1):
+            for j in range(k - 1, i):
+                value = max(best[k - 1][j], prefix[i] - prefix[j])
+                if value < best[k][i] - 1e-12:
+                    best[k][i], cut[k][i] = value, j
+    ranges, i = [], n
+    for k in range(parts, 0, -1):
+        j = cut[k][i]
+        ranges.append((int(j), int(i)))
+        i = j
+    return ranges[::-1]
+
+
+def cost_vector(rnd, kind, n):
+    # scales put prefix sums where float round-off is far below, near, and above the 1e-12 tie tolerance
+    scale = rnd.choice([1.0, 0.1, 7.3, 57.1, 1000.0, 1e5])
+    if kind == "uniform":  # what --partition uniform produces: ties everywhere
+        return [1e-3 * scale] + [scale] * (n - 2) + [1e-3 * scale] if n > 2 else [scale] * n
+    if kind == "few values":
+        return [scale * rnd.choice([1.0, 1.0, 0.1, 0.2, 0.3, 0.7]) for _ in range(n)]
+    if kind == "zeros":
+        return [rnd.choice([0.0, 0.0, 0.5, 1.0]) for _ in range(n)]
+    if kind == "near ties":
+        return [rnd.choice([1.0, 1.0 + 4e-13, 1.0 - 3e-13, 2e-12, 0.0]) for _ in range(n)]
+    if kind == "negative":
+        return [rnd.uniform(-1, 2) for _ in range(n)]
+    return [rnd.uniform(0, 5) for _ in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["uniform", "random", "few values", "zeros", "near ties", "negative"])
+def test_balanced_split_equals_the_dynamic_programme_exactly(kind):
+    import random
+
+    rnd = random.Random(kind)
+    for _ in range(150):
+        n = rnd.randint(1, 60)
+        parts = rnd.randint(1, min(n, 10))
+        costs = cost_vector(rnd, kind, n)
+        assert balanced_split(costs, parts) == dynamic_programme(costs, parts), (costs, parts)
+
+
+def test_balanced_split_of_a_hundred_thousand_layers():
+    """The old programme needed ~10^11 steps here; the ranges are the even split, ties to the earliest cut."""
+    costs = [1e-3] + [1.0] * 100_000 + [1e-3]
+    split = balanced_split(costs, 8)
+    assert [b - a for a, b in split] == [12501] + [12500] * 6 + [12501]

@@ -13,6 +13,7 @@ BENCHES = {
     "train": "training steps of a layout",
     "generate": "generation per layout: prefill, decode latency, tokens/s, KV cache vs recomputation",
     "cp": "one long sequence: one rank, tp + SP, and context parallelism (ring attention)",
+    "plan": "the planner's predicted step time beside the measured one",
 }
 
 

@@ -133,6 +133,19 @@ class Ledger:
         finally:
             self.events.append(Event(f"{cat}:{name}", cat, 1, -1, 0, "", start, self.now(), -1, self.label))
 
+    def mark(self) -> dict:
+        """A copy of the totals, for since()."""
+        return {key: tuple(t) for key, t in self.totals.items()}
+
+    def since(self, mark: dict) -> dict:
+        """{(group, kind): (count, bytes, seconds blocked)} recorded after mark() was taken."""
+        out = {}
+        for (kind, group), (c, b, s) in self.totals.items():
+            c0, b0, s0 = mark.get((kind, group), (0, 0, 0.0))
+            if c > c0:
+                out[(group, kind)] = (c - c0, b - b0, s - s0)
+        return out
+
     def comm_seconds(self) -> float:
         return sum(t[2] for t in self.totals.values())
 

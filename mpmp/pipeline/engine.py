@@ -26,7 +26,10 @@ class CacheMeter:
     backward (fused) or its weight-gradient pass (split), and the peaks over a step are what the
     schedule costs in memory (GPipe: m caches; 1F1B: at most pp - stage)."""
 
-    def __init__(self):
+    def __init__(self, not_activations=()):
+        """not_activations: buffers that caches may hold views of but that are no activation memory
+        (the flat parameter buffer: LayerNorm keeps a view of its weight)."""
+        self._not_activations = {id(b) for b in not_activations}
         self.reset()
 
     def reset(self):
@@ -35,7 +38,7 @@ class CacheMeter:
         self._bytes = {}
 
     def add(self, key, cache):
-        self._bytes[key] = nbytes(cache)
+        self._bytes[key] = nbytes(cache, set(self._not_activations))
         self.live += 1
         self.live_bytes += self._bytes[key]
         self.peak = max(self.peak, self.live)
@@ -97,18 +100,20 @@ class PipelineEngine:
         act_shape,
         act_dtype=numpy.float32,
         on_grads_final=None,
+        param_buffers=(),
     ):
         """model: this rank's GPT (one chunk per virtual stage). group: the pipeline group (group rank =
         stage). neighbours: (previous, next) stage from the grid (a ring, for interleaving). act_shape:
         the [b, S_local, D] of an activation crossing stages. on_grads_final(module): called when a
         module's gradients are complete for the step (the last micro-batch's backward), so
-        data-parallel buckets can start."""
+        data-parallel buckets can start. param_buffers: the parameters' storage, which caches may view
+        but which is not activation memory."""
         self.model, self.group = model, group
         self.pp, self.stage, self.v = pp, stage, virtual_stages
         self.prev, self.next = neighbours
         self.act_shape, self.act_dtype = tuple(act_shape), act_dtype
         self.on_grads_final = on_grads_final
-        self.meter = CacheMeter()
+        self.meter = CacheMeter(param_buffers)
         self.pool = BufferPool()
         self._handlers = {
             Transfers: self._transfers,

@@ -19,29 +19,92 @@ METHODS = ("uniform", "parameters", "time")
 
 
 def balanced_split(costs, parts: int) -> list[tuple[int, int]]:
-    """Contiguous non-empty [start, end) ranges minimising the largest sum (exact dynamic programme;
-    among equally good splits, the earliest cuts)."""
+    """Contiguous non-empty [start, end) ranges minimising the largest sum; among equally good splits
+    (sums within 1e-12 count as equal), the earliest cuts.
+
+    This is the dynamic programme best[k][i] = min over j of max(best[k-1][j], sum(costs[j:i])), with
+    its tie rule (a later j replaces the best so far only if it is better by more than 1e-12), but each
+    level is computed for all i at once in O(n log n): for costs >= 0, best[k-1][j] grows with j and
+    sum(costs[j:i]) shrinks, so only the few j around their crossing can win (see _level). Negative or
+    non-finite costs take the plain O(parts n^2) programme, which gives the same ranges, slowly.
+    """
     n = len(costs)
     if parts > n:
         raise ConfigError(f"cannot split {n} units (embedding, blocks, head) into {parts} pipeline stages")
-    prefix = numpy.concatenate([[0.0], numpy.cumsum(costs, dtype=numpy.float64)])
-    inf = float("inf")
-    # best[k][i]: the minimal max cost of splitting units[:i] into k parts
-    best = numpy.full((parts + 1, n + 1), inf)
-    cut = numpy.zeros((parts + 1, n + 1), dtype=int)
-    best[0][0] = 0.0
+    values = numpy.asarray(costs, dtype=numpy.float64)
+    prefix = numpy.concatenate([[0.0], numpy.cumsum(values, dtype=numpy.float64)])
+    level = _level if numpy.all(values >= 0) and numpy.all(numpy.isfinite(values)) else _level_plain
+    best = numpy.full(n + 1, numpy.inf)
+    best[0] = 0.0
+    cuts = []
     for k in range(1, parts + 1):
-        for i in range(k, n - (parts - k) + 1):
-            for j in range(k - 1, i):
-                value = max(best[k - 1][j], prefix[i] - prefix[j])
-                if value < best[k][i] - 1e-12:
-                    best[k][i], cut[k][i] = value, j
-    ranges, i = [], n
+        i = numpy.arange(k, n - (parts - k) + 1)
+        best, cut = level(best, prefix, k, i)
+        cuts.append((i[0], cut))
+    ranges, end = [], n
     for k in range(parts, 0, -1):
-        j = cut[k][i]
-        ranges.append((int(j), int(i)))
-        i = j
+        first, cut = cuts[k - 1]
+        start = int(cut[end - first])
+        ranges.append((start, end))
+        end = start
     return ranges[::-1]
+
+
+_TIE = 1e-12  # sums closer than this are equally good: the earlier cut wins
+
+
+def _level_plain(prev, prefix, k, i):
+    """One level of the programme, j by j (any costs)."""
+    best = numpy.full(prefix.size, numpy.inf)
+    cut = numpy.zeros(i.size, dtype=numpy.int64)
+    for row, end in enumerate(i.tolist()):
+        for j in range(k - 1, end):
+            value = max(prev[j], prefix[end] - prefix[j])
+            if value < best[end] - _TIE:
+                best[end], cut[row] = value, j
+    return best, cut
+
+
+def _level(prev, prefix, k, i):
+    """One level for every end i at once, with exactly the plain scan's result (costs >= 0).
+
+    The scan over j keeps a current best c and moves to j when v_j = max(prev[j], prefix[i] - prefix[j])
+    < c - 1e-12. Its result depends only on where it is after the last j it certainly moves to: j moves
+    for sure when v_j < rest_{j-1} - 1e-12, rest_{j-1} = prefix[i] - prefix[j-1] (every earlier v, hence c,
+    is at least that). Such a j is found just before prev and the rest cross; from there the scan runs
+    j by j (all ends in lockstep) until no later prev[j] can undercut c (suffix minimum of prev).
+    """
+    total = prefix[i]
+
+    def value(j):
+        return numpy.maximum(prev[j], total - prefix[j])
+
+    def certain(j):
+        rest = total - prefix[numpy.maximum(j - 1, 0)]
+        return (j == k - 1) | (value(j) < rest - _TIE)
+
+    # Where prev[j] + prefix[j-1] passes prefix[i], prev[j] passes the rest: a sorted search (prev grows
+    # with j) proposes that j; any j the exact test refuses steps back, down to j = k-1 if need be.
+    valid = numpy.arange(k - 1, i[-1])
+    rising = prev[valid] + prefix[numpy.maximum(valid - 1, 0)]
+    lo = k - 1 + numpy.searchsorted(rising, total - _TIE, side="left") - 1
+    lo = numpy.clip(lo, k - 1, i - 1)
+    while not numpy.all(ok := certain(lo)):
+        lo = numpy.where(ok, lo, lo - 1)
+    floor = numpy.minimum.accumulate(prev[::-1])[::-1]  # floor[j] = min(prev[j:])
+    cur, cut = value(lo), lo.copy()
+    j = lo + 1
+    active = (j < i) & (floor[numpy.minimum(j, prefix.size - 1)] < cur - _TIE)
+    while numpy.any(active):
+        jj = numpy.where(active, j, lo)
+        v = value(jj)
+        move = active & (v < cur - _TIE)
+        cur, cut = numpy.where(move, v, cur), numpy.where(move, jj, cut)
+        j = j + 1
+        active &= (j < i) & (floor[numpy.minimum(j, prefix.size - 1)] < cur - _TIE)
+    best = numpy.full(prefix.size, numpy.inf)
+    best[i] = cur
+    return best, cut
 
 
 def unit_costs(cfg: ModelConfig, method: str, measured=None) -> list[float]:
