@@ -10,6 +10,6 @@ from mpmp import _setup
 _setup.configure()
 _setup.configure_allocator()
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["__version__"]

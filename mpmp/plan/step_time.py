@@ -191,64 +191,79 @@ def retime(cfg: TrainConfig, costs: list, p2p: list, keep: bool = False, progres
     costs[s][c] = (F, B, W) seconds of stage s's chunk c; p2p[vs] = seconds from vs to vs + 1.
     progress=False: MPI without asynchronous progress, where a large (rendezvous) message moves only
     while its sender is inside MPI: it arrives no sooner than the sender's next send or receive."""
-    par = cfg.parallel
-    pp, v, m = par.pp, par.virtual_stages, par.micro_batches
-    sched = [tuple(a.tolist() for a in o) for o in orders(par.schedule, pp, m, v)]
-    n_vs = pp * v
-    arrive = ([None] * (m * n_vs), [None] * (m * n_vs))  # activation, gradient: arrival by mb·n_vs + vs
-    pending = [[] for _ in range(pp)]  # without progress: (table, key, ready) sent, not yet moved
-    pos, clock, busy = [0] * pp, [0.0] * pp, [0.0] * pp
-    final = [{} for _ in range(pp)]
-    timeline = [[] for _ in range(pp)] if keep else None
+    return _Retimer(cfg, costs, p2p, keep, progress).run()
 
-    def deliver(s, now):  # stage s enters MPI at `now`: its pending messages move
-        for table, key, ready in pending[s]:
+
+class _Retimer:
+    """retime's state: per stage its position in its order, clock, busy time and pending messages;
+    per message (activation or gradient, keyed mb·n_vs + vs) its arrival time."""
+
+    def __init__(self, cfg: TrainConfig, costs: list, p2p: list, keep: bool, progress: bool):
+        par = cfg.parallel
+        self.pp, m = par.pp, par.micro_batches
+        self.sched = [tuple(a.tolist() for a in o) for o in orders(par.schedule, par.pp, m, par.virtual_stages)]
+        self.n_vs = par.pp * par.virtual_stages
+        self.costs, self.p2p, self.keep, self.progress = costs, p2p, keep, progress
+        self.arrive = ([None] * (m * self.n_vs), [None] * (m * self.n_vs))  # activation, gradient
+        self.pending = [[] for _ in range(self.pp)]  # without progress: (table, key, ready) not yet moved
+        self.pos, self.clock, self.busy = [0] * self.pp, [0.0] * self.pp, [0.0] * self.pp
+        self.final = [{} for _ in range(self.pp)]
+        self.timeline = [[] for _ in range(self.pp)] if keep else None
+
+    def deliver(self, s, now):
+        """Stage s enters MPI at `now`: its pending messages move."""
+        for table, key, ready in self.pending[s]:
             table[key] = max(ready, now)
-        pending[s].clear()
+        self.pending[s].clear()
 
-    remaining = sum(len(k) for k, _, _ in sched)
-    while remaining:
-        moved = 0
-        for s in range(pp):
-            kinds, mbs, chunks = sched[s]
-            p, c, work, cost = pos[s], clock[s], busy[s], costs[s]
-            while p < len(kinds):
-                kind, ch = kinds[p], chunks[p]
-                vs = ch * pp + s
-                key = mbs[p] * n_vs + vs
-                # F receives from vs - 1 and sends to vs + 1; B the other way round; W neither
-                source = None if kind == W else (key - 1, 0, vs - 1) if kind == F else (key + 1, 1, vs)
-                if source is not None and 0 <= source[2] and (kind == F or vs < n_vs - 1):
-                    deliver(s, c)
-                    arrival = arrive[source[1]][source[0]]
-                    if arrival is None:
-                        break
-                    c = max(c, arrival)
-                f, b, w = cost[ch]
-                dt = f if kind == F else w if kind == W else b + (w if kind == BW else 0.0)
-                start, c = c, c + dt
-                work += dt
-                sends = kind == F and vs < n_vs - 1 or kind in (B, BW) and vs > 0
-                if sends:
-                    table, dest, hop = (arrive[0], key, vs) if kind == F else (arrive[1], key, vs - 1)
-                    if progress:
-                        table[dest] = c + p2p[hop]
-                    else:
-                        deliver(s, c)
-                        pending[s].append((table, dest, c + p2p[hop]))
-                if kind != F:
-                    final[s][ch] = (start, c, kind)  # the last one seen is the chunk's final one
-                if keep:
-                    timeline[s].append((start, c, (kind, mbs[p], ch)))
-                p += 1
-            if p == len(kinds):
-                deliver(s, c)  # ReduceGrads waits for every send
-            moved += p - pos[s]
-            pos[s], clock[s], busy[s] = p, c, work
-        if not moved:
-            raise RuntimeError("pipeline re-timing stalled: the schedule deadlocks")  # simulate() says why
-        remaining -= moved
-    return PipelineRun(clock, busy, final, timeline)
+    def run(self) -> PipelineRun:
+        remaining = sum(len(k) for k, _, _ in self.sched)
+        while remaining:
+            moved = sum([self.advance(s) for s in range(self.pp)])
+            if not moved:
+                raise RuntimeError("pipeline re-timing stalled: the schedule deadlocks")  # simulate() says why
+            remaining -= moved
+        return PipelineRun(self.clock, self.busy, self.final, self.timeline)
+
+    def advance(self, s) -> int:
+        """Run stage s until it waits for a message that has not arrived; how many operations it ran."""
+        kinds, mbs, chunks = self.sched[s]
+        p, c, work, cost, n_vs, pp = self.pos[s], self.clock[s], self.busy[s], self.costs[s], self.n_vs, self.pp
+        while p < len(kinds):
+            kind, ch = kinds[p], chunks[p]
+            vs = ch * pp + s
+            key = mbs[p] * n_vs + vs
+            # F receives from vs - 1 and sends to vs + 1; B the other way round; W neither
+            source = None if kind == W else (key - 1, 0, vs - 1) if kind == F else (key + 1, 1, vs)
+            if source is not None and 0 <= source[2] and (kind == F or vs < n_vs - 1):
+                self.deliver(s, c)
+                arrival = self.arrive[source[1]][source[0]]
+                if arrival is None:
+                    break
+                c = max(c, arrival)
+            f, b, w = cost[ch]
+            dt = f if kind == F else w if kind == W else b + (w if kind == BW else 0.0)
+            start, c = c, c + dt
+            work += dt
+            if kind == F and vs < n_vs - 1 or kind in (B, BW) and vs > 0:
+                self.send(s, c, *((self.arrive[0], key, vs) if kind == F else (self.arrive[1], key, vs - 1)))
+            if kind != F:
+                self.final[s][ch] = (start, c, kind)  # the last one seen is the chunk's final one
+            if self.keep:
+                self.timeline[s].append((start, c, (kind, mbs[p], ch)))
+            p += 1
+        if p == len(kinds):
+            self.deliver(s, c)  # ReduceGrads waits for every send
+        moved = p - self.pos[s]
+        self.pos[s], self.clock[s], self.busy[s] = p, c, work
+        return moved
+
+    def send(self, s, now, table, dest, hop):
+        if self.progress:
+            table[dest] = now + self.p2p[hop]
+        else:
+            self.deliver(s, now)
+            self.pending[s].append((table, dest, now + self.p2p[hop]))
 
 
 # ---- gradient reductions and the optimizer step ------------------------------------------------
