@@ -16,23 +16,11 @@ from dataclasses import dataclass
 
 from mpmp import backend
 from mpmp._setup import local_rank, mpi_launched
+from mpmp.cli import number
 from mpmp.comm import ledger
 from mpmp.config import ModelConfig
 from mpmp.errors import ConfigError, MpmpError
 from mpmp.inference.sampling import Sampling
-
-
-def _number(kind, allow_zero):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value < 0 or (value == 0 and not allow_zero):
-            raise argparse.ArgumentTypeError(f"must be {'non-negative' if allow_zero else 'positive'}, not {text}")
-        return value
-
-    return parse
 
 
 def _prompt_text(text):
@@ -56,7 +44,7 @@ def build_parser():
         description="Generate text with GPT-2 on any tensor/pipeline/data-parallel layout, with a KV cache.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    pi, ni, nf = _number(int, False), _number(int, True), _number(float, True)
+    pi, ni, nf = number(int, False), number(int, True), number(float, True)
     m = p.add_argument_group("model")
     m.add_argument(
         "--init-from",

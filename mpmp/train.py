@@ -19,6 +19,7 @@ import numpy
 
 from mpmp import backend, console
 from mpmp._setup import launcher_rank, local_rank, local_ranks, mpi_launched
+from mpmp.cli import number
 from mpmp.comm import ledger
 from mpmp.config import ModelConfig, ParallelConfig, TrainConfig, check_embedding_fits, validate
 from mpmp.errors import ConfigError, DivergedError, MpmpError, StartupErrors
@@ -49,25 +50,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _number(kind, allow_zero):
-    """An argparse type: a finite number of `kind` that is positive (or, with allow_zero, not negative)."""
-
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
-        if value < 0 or (value == 0 and not allow_zero):
-            raise argparse.ArgumentTypeError(f"must be {'non-negative' if allow_zero else 'positive'}, not {text}")
-        return value
-
-    return parse
-
-
-_POSITIVE_INT, _COUNT = _number(int, False), _number(int, True)
-_POSITIVE, _NON_NEGATIVE = _number(float, False), _number(float, True)
+_POSITIVE_INT, _COUNT = number(int, False), number(int, True)
+_POSITIVE, _NON_NEGATIVE = number(float, False), number(float, True)
 # A stop request must reach the process: KILL and STOP cannot be caught, and the fault signals
 # report a crash in progress, not a request.
 _UNCATCHABLE = {"SIGKILL", "SIGSTOP"}

@@ -12,21 +12,9 @@ import argparse
 import json
 import sys
 
+from mpmp.cli import number
 from mpmp.config import ModelConfig, ParallelConfig, TrainConfig
 from mpmp.errors import ConfigError, MpmpError
-
-
-def _number(kind, allow_zero=False):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value < 0 or (value == 0 and not allow_zero):
-            raise argparse.ArgumentTypeError(f"must be {'non-negative' if allow_zero else 'positive'}, not {text}")
-        return value
-
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         "left free (micro-batches, schedule, virtual stages) or, with --tp/--pp free, rank every layout.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    pi, ni, pf = _number(int), _number(int, True), _number(float)
+    pi, ni, pf = number(int), number(int, True), number(float)
     g = p.add_argument_group("layout (leave out to let the planner choose)")
     g.add_argument("--gpus", type=pi, default=None, help="devices (ranks) in all; default tp*pp when both are given")
     g.add_argument("--tp", type=pi, default=None, help="tensor-parallel ranks")

@@ -8,14 +8,7 @@ import time
 
 import numpy
 
-
-def _timed(fn, reps):
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from mpmp.plan.calibrate import median_seconds
 
 
 def main():
@@ -32,12 +25,12 @@ def main():
 
     small, big = numpy.zeros(1, numpy.float64), numpy.zeros(4 << 20, numpy.float32)  # 8 B, 16 MiB
     pingpong(small), pingpong(big)
-    latency = _timed(lambda: pingpong(small), 200) / 2
-    bandwidth = big.nbytes / (_timed(lambda: pingpong(big), 10) / 2 - latency)
+    latency = median_seconds(lambda: pingpong(small), 200) / 2
+    bandwidth = big.nbytes / (median_seconds(lambda: pingpong(big), 10) / 2 - latency)
 
     # overlap: an all-reduce's blocking time, against what is left to wait after computing that long
     comm.Barrier()
-    blocking = _timed(lambda: comm.Allreduce(MPI.IN_PLACE, big), 5)
+    blocking = median_seconds(lambda: comm.Allreduce(MPI.IN_PLACE, big), 5)
     a = numpy.ones((256, 256), numpy.float32)
 
     def overlapped():

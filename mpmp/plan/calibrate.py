@@ -22,7 +22,8 @@ from mpmp.errors import ConfigError
 from mpmp.plan import hardware
 
 
-def _median_time(fn, reps):
+def median_seconds(fn, reps):
+    """The median of reps timed calls of fn, after one untimed call."""
     fn()
     times = []
     for _ in range(reps):
@@ -43,13 +44,13 @@ def probe() -> dict:
     out["memory_bandwidth"] = _elementwise_bandwidth(rng, 1 << 20)
     x = rng.random(1 << 18, dtype=numpy.float32)
     o = numpy.empty_like(x)
-    t = _median_time(lambda: numpy.exp(x, out=o), 21) + _median_time(lambda: numpy.tanh(x, out=o), 21)
+    t = median_seconds(lambda: numpy.exp(x, out=o), 21) + median_seconds(lambda: numpy.tanh(x, out=o), 21)
     out["transcendental_rate"] = 2 * x.size / t
     ids, rows = rng.integers(0, 256, 1 << 13), rng.random((1 << 13, 64), dtype=numpy.float32)
     table = numpy.zeros((256, 64), numpy.float32)
-    out["scatter_rate"] = rows.size / _median_time(lambda: numpy.add.at(table, ids, rows), 7)
+    out["scatter_rate"] = rows.size / median_seconds(lambda: numpy.add.at(table, ids, rows), 7)
     tiny = numpy.ones(4, numpy.float32)
-    out["kernel_overhead_s"] = _median_time(lambda: [tiny * tiny for _ in range(100)], 21) / 100
+    out["kernel_overhead_s"] = median_seconds(lambda: [tiny * tiny for _ in range(100)], 21) / 100
     return out
 
 
@@ -62,7 +63,7 @@ def _gemm_rates(rng) -> tuple[float, float, float]:
     def flops_per_s(batch, m, k, n):
         a = rng.standard_normal((batch, m, k), dtype=numpy.float32)
         b = rng.standard_normal((batch, k, n), dtype=numpy.float32)
-        return 2 * batch * m * k * n / _median_time(lambda: a @ b, 15)
+        return 2 * batch * m * k * n / median_seconds(lambda: a @ b, 15)
 
     wide, narrow = flops_per_s(1, 1024, 256, 1024), flops_per_s(32, 128, 64, 128)
     q = min(max(wide / narrow, 1.0), 3.9)  # rate(256) / rate(64) = 4 (64 + k_half) / (256 + k_half)
@@ -76,7 +77,7 @@ def _elementwise_bandwidth(rng, size: int) -> float:
 
     x, y = rng.random(size, dtype=numpy.float32), rng.random(size, dtype=numpy.float32)
     o = numpy.empty_like(x)
-    return 12 * size / _median_time(lambda: numpy.multiply(x, y, out=o), 21)
+    return 12 * size / median_seconds(lambda: numpy.multiply(x, y, out=o), 21)
 
 
 def _run_probe(threads: int) -> dict:
