@@ -60,7 +60,7 @@ def name() -> str:
 def array_module(*arrays):
     """numpy, or cupy if any argument is a CuPy array (without importing CuPy when it is not)."""
     for a in arrays:
-        if type(a).__module__.startswith("cupy"):
+        if type(a) is not numpy.ndarray and type(a).__module__.startswith("cupy"):
             import cupy
 
             return cupy

@@ -10,7 +10,7 @@ patterns and fp16 ones as float16. They travel as they are, and reductions of th
 not patterns (the op carries the format: "sum:bf16", "sum:fp16").
 """
 
-import time
+from time import perf_counter as _perf_counter
 
 import numpy
 
@@ -31,18 +31,18 @@ class Handle:
 
     def __init__(self, group, token, requests, finish, *, nbytes, dtype, peer=-1):
         self._group, self._token, self._requests, self._finish = group, token, requests, finish
-        self._nbytes, self._dtype, self._peer = nbytes, dtype, peer
+        self._nbytes, self._dtype, self._peer = nbytes, _dtype_name(dtype), peer
         self._done, self._result = False, None
 
     def wait(self):
         if not self._done:
-            _ledger.get().wait_start(self._token)
-            t0 = time.perf_counter()
+            led = _ledger.get()
+            led.wait_start(self._token)
+            t0 = _perf_counter()
             self._group._wait_all(self._requests)
             self._result = self._finish() if self._finish else None
             # the ledger's seconds: the time this rank was blocked here, not the time in flight
-            blocked = time.perf_counter() - t0
-            self._group._record_end(self._token, self._peer, self._nbytes, self._dtype, blocked)
+            led.end(self._token, self._group.size, self._peer, self._nbytes, self._dtype, _perf_counter() - t0)
             self._done = True
         return self._result
 
@@ -91,6 +91,13 @@ class Group:
     def _iall_reduce(self, buf, op):
         raise NotImplementedError
 
+    def _send_blocking(self, buf, peer, tag):
+        """A send that returns when buf may be reused (transports may do it in one call)."""
+        self._wait_all(self._isend(buf, peer, tag))
+
+    def _recv_blocking(self, buf, peer, tag):
+        self._wait_all(self._irecv(buf, peer, tag))
+
     def _wait_all(self, requests):
         raise NotImplementedError
 
@@ -103,20 +110,13 @@ class Group:
     def _group_end(self):
         pass
 
-    # ---- ledger ---------------------------------------------------------------------------
-    def _record_begin(self, kind, blocking=True):
-        return _ledger.get().begin(kind, self.name, blocking)
-
-    def _record_end(self, token, peer, nbytes, dtype, blocked=None):
-        _ledger.get().end(token, self.size, peer, nbytes, _dtype_name(dtype), blocked)
-
     # ---- collectives ------------------------------------------------------------------------
     def all_reduce(self, x, op="sum", exact=False):
         """In place over the group; returns x. op: sum, avg, max, min."""
         _check_op(op)
         if self.size == 1:
             return x
-        token = self._record_begin("all_reduce")
+        token = _ledger.get().begin("all_reduce", self.name)
         base = "sum" if op == "avg" else op
         fmt = self._format(x, exact)
         native = _native16(x, op)
@@ -132,7 +132,7 @@ class Group:
             self._all_reduce(x, base)
         if op == "avg":
             x /= self.size
-        self._record_end(token, -1, payload.nbytes, payload.dtype if not fmt else fmt)
+        _ledger.get().end(token, self.size, -1, payload.nbytes, _dtype_name(payload.dtype if not fmt else fmt))
         return x
 
     def iall_reduce(self, x, op="sum") -> Handle:
@@ -140,7 +140,7 @@ class Group:
         _check_op(op)
         if self.size == 1:
             return _Done(x)
-        token = self._record_begin("iall_reduce", blocking=False)
+        token = _ledger.get().begin("iall_reduce", self.name, False)
         requests = self._iall_reduce(x, "sum" if op == "avg" else op)
 
         def finish():
@@ -163,9 +163,9 @@ class Group:
             front = to_wire(front, fmt)
         if out is None or fmt or axis % x.ndim:
             out = xp.empty((sum(counts),) + front.shape[1:], dtype=front.dtype)
-        token = self._record_begin("all_gather")
+        token = _ledger.get().begin("all_gather", self.name)
         self._all_gather(front, out, counts)
-        self._record_end(token, -1, out.nbytes, fmt or x.dtype)
+        _ledger.get().end(token, self.size, -1, out.nbytes, _dtype_name(fmt or x.dtype))
         if fmt:
             out = from_wire(out, fmt)
         return _from_front(out, axis)
@@ -189,9 +189,9 @@ class Group:
             front, base = to_wire(front, fmt), f"{base}:{fmt}"
         if out is None or (fmt and not native) or axis % x.ndim:
             out = xp.empty((counts[self.rank],) + front.shape[1:], dtype=front.dtype)
-        token = self._record_begin("reduce_scatter")
+        token = _ledger.get().begin("reduce_scatter", self.name)
         self._reduce_scatter(front, out, counts, base)
-        self._record_end(token, -1, front.nbytes, fmt or x.dtype)
+        _ledger.get().end(token, self.size, -1, front.nbytes, _dtype_name(fmt or x.dtype))
         if native:
             out = out.view(x.dtype)
         elif fmt:
@@ -220,22 +220,22 @@ class Group:
         """In place from group rank root; returns x."""
         if self.size == 1:
             return x
-        token = self._record_begin("broadcast")
+        token = _ledger.get().begin("broadcast", self.name)
         self._broadcast(x, root)
-        self._record_end(token, -1, x.nbytes, x.dtype)
+        _ledger.get().end(token, self.size, -1, x.nbytes, _dtype_name(x.dtype))
         return x
 
     def barrier(self):
         if self.size > 1:
-            token = self._record_begin("barrier")
+            token = _ledger.get().begin("barrier", self.name)
             self._barrier()
-            self._record_end(token, -1, 0, "")
+            _ledger.get().end(token, self.size, -1, 0, "")
 
     # ---- point to point ------------------------------------------------------------------------
     def isend(self, x, peer, tag=0) -> Handle:
         fmt = self._format(x, False)
         payload = to_wire(x, fmt) if fmt else x  # the handle keeps the payload alive until wait()
-        token = self._record_begin("send", blocking=False)
+        token = _ledger.get().begin("send", self.name, False)
         requests = self._isend(payload, peer, tag)
         handle = Handle(self, token, requests, None, nbytes=payload.nbytes, dtype=fmt or x.dtype, peer=peer)
         handle.payload = payload
@@ -249,15 +249,29 @@ class Group:
             finish = lambda: from_wire(buf, fmt, out=out)  # noqa: E731
         else:
             buf, finish = out, lambda: out  # noqa: E731
-        token = self._record_begin("recv", blocking=False)
+        token = _ledger.get().begin("recv", self.name, False)
         requests = self._irecv(buf, peer, tag)
         return Handle(self, token, requests, finish, nbytes=buf.nbytes, dtype=fmt or out.dtype, peer=peer)
 
     def send(self, x, peer, tag=0):
-        self.isend(x, peer, tag).wait()
+        fmt = self._format(x, False)
+        payload = to_wire(x, fmt) if fmt else x
+        led = _ledger.get()
+        token = led.begin("send", self.name)
+        self._send_blocking(payload, peer, tag)
+        led.end(token, self.size, peer, payload.nbytes, fmt or _dtype_name(x.dtype))
 
     def recv(self, out, peer, tag=0):
-        return self.irecv(out, peer, tag).wait()
+        """Receive into the preallocated out; returns it."""
+        fmt = self._format(out, False)
+        buf = array_module(out).empty(out.shape, dtype=numpy.uint16) if fmt else out
+        led = _ledger.get()
+        token = led.begin("recv", self.name)
+        self._recv_blocking(buf, peer, tag)
+        if fmt:
+            from_wire(buf, fmt, out=out)
+        led.end(token, self.size, peer, buf.nbytes, fmt or _dtype_name(out.dtype))
+        return out
 
     def batch_isend_irecv(self, ops) -> list[Handle]:
         """ops: [("send", array, peer, tag) | ("recv", out, peer, tag)] issued together."""
@@ -300,17 +314,14 @@ def _check_op(op):
         raise ValueError(f"reduction op must be one of {OPS}, not {op!r}")
 
 
-_UINT16, _FLOAT16 = numpy.dtype(numpy.uint16), numpy.dtype(numpy.float16)
-
-
 def _native16(x, op):
     """(uint16 view, "bf16" or "fp16") for an array held in a 16-bit format (uint16 = bf16 patterns,
     float16 = fp16), else None. The average is refused there: it would divide in place in the
     storage type."""
-    dtype = getattr(x, "dtype", None)  # not an array: the transport says what it takes
-    if dtype == _UINT16:
+    char = getattr(getattr(x, "dtype", None), "char", None)  # not an array: the transport says what it takes
+    if char == "H":  # uint16
         fmt = "bf16"
-    elif dtype == _FLOAT16:
+    elif char == "e":  # float16
         fmt = "fp16"
     else:
         return None
@@ -320,6 +331,8 @@ def _native16(x, op):
 
 
 def _to_front(x, axis):
+    if axis % x.ndim == 0 and x.flags.c_contiguous:
+        return x
     xp = array_module(x)
     if axis % x.ndim == 0:
         return xp.ascontiguousarray(x)

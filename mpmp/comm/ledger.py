@@ -16,6 +16,7 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
+from time import perf_counter as _perf_counter
 
 # nccl-tests' bus-bandwidth factors (busbw = algbw x factor, PERFORMANCE.md there): with ring
 # algorithms, also the share of the message each rank sends. A size-1 group records nothing.
@@ -43,8 +44,11 @@ def wire_bytes(kind: str, nbytes: int, group_size: int) -> float:
     return nbytes * bus_factor(kind, group_size)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
+    """One operation (or span of work) as it happened. Treat as read-only: it is not frozen only
+    because a frozen dataclass costs microseconds to build, once per message."""
+
     kind: str  # all_reduce, all_gather, reduce_scatter, broadcast, send, recv, ... or <span cat>:<name>
     group: str  # tp, dp, pp, embed, world, ...; for spans their category (compute, step)
     group_size: int
@@ -66,7 +70,8 @@ class Ledger:
     def __init__(self, rank: int = 0, keep_events: bool = False):
         self.rank = rank
         self.keep_events = keep_events
-        self.events: list[Event] = []
+        self._rows: list[tuple] = []  # the kept events' fields, as recorded
+        self._events: list[Event] = []  # the Events built from them so far
         self.totals = defaultdict(lambda: [0, 0, 0.0])  # (kind, group) -> [count, bytes, seconds]
         self.seq = defaultdict(int)  # group -> operations started
         self.last_done: dict[str, tuple[int, str, str]] = {}  # group -> (seq, kind, label) completed
@@ -78,7 +83,7 @@ class Ledger:
         self._token = 0
 
     def now(self) -> float:
-        return self._t0_wall + (time.perf_counter() - self._t0)
+        return self._t0_wall + (_perf_counter() - self._t0)
 
     @contextmanager
     def scope(self, label: str):
@@ -89,16 +94,17 @@ class Ledger:
         finally:
             self.label = previous
 
+    # begin/end run once per message: written for speed (no helper calls; see bench comm)
     def begin(self, kind: str, group: str, blocking: bool = True) -> int:
         """Mark an operation as started; returns a token for end(). A non-blocking operation counts as
         blocked (what the watchdog watches) only from wait_start()."""
-        self._token += 1
+        self._token = token = self._token + 1
         seq = self.seq[group]
         self.seq[group] = seq + 1
-        self.in_flight[self._token] = entry = (group, seq, kind, self.label, self.now())
+        self.in_flight[token] = entry = (group, seq, kind, self.label, self._t0_wall + (_perf_counter() - self._t0))
         if blocking:
-            self.blocked[self._token] = entry
-        return self._token
+            self.blocked[token] = entry
+        return token
 
     def wait_start(self, token: int):
         """The rank now waits for a non-blocking operation."""
@@ -110,15 +116,24 @@ class Ledger:
         count); its event still spans from start to completion."""
         group, seq, kind, label, start = self.in_flight.pop(token)
         self.blocked.pop(token, None)
-        stop = self.now()
+        stop = self._t0_wall + (_perf_counter() - self._t0)
+        waited = stop - start if blocked is None else blocked
         total = self.totals[(kind, group)]
         total[0] += 1
         total[1] += nbytes
-        total[2] += stop - start if blocked is None else blocked
+        total[2] += waited
         self.last_done[group] = (seq, kind, label)
         if self.keep_events:
-            waited = stop - start if blocked is None else blocked
-            self.events.append(Event(kind, group, group_size, peer, nbytes, dtype, start, stop, seq, label, waited))
+            self._rows.append((kind, group, group_size, peer, nbytes, dtype, start, stop, seq, label, waited))
+
+    @property
+    def events(self) -> list[Event]:
+        """Every kept operation and span in the order it ended. The Events are built here, on read,
+        from the fields end() keeps: building one per message costs more than the rest of the record."""
+        rows, events = self._rows, self._events
+        if len(events) < len(rows):
+            events.extend(Event(*row) for row in rows[len(events) :])
+        return events
 
     @contextmanager
     def span(self, name: str, cat: str = "compute"):
@@ -131,7 +146,7 @@ class Ledger:
         try:
             yield
         finally:
-            self.events.append(Event(f"{cat}:{name}", cat, 1, -1, 0, "", start, self.now(), -1, self.label))
+            self._rows.append((f"{cat}:{name}", cat, 1, -1, 0, "", start, self.now(), -1, self.label, 0.0))
 
     def mark(self) -> dict:
         """A copy of the totals, for since()."""
@@ -154,7 +169,8 @@ class Ledger:
         return _sorted_rows(self.totals)
 
     def reset(self):
-        self.events.clear()
+        self._rows.clear()
+        self._events.clear()
         self.totals.clear()
 
     def chrome_events(self):

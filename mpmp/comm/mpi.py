@@ -35,26 +35,30 @@ def MPI():
     return _MPI
 
 
-_user_ops = {}
+_ops = {}
 
 
 def _op(op):
     """The MPI op for "sum", "max", "min", or "sum:bf16" etc. on 16-bit patterns (a user-defined
-    op that widens to float32, reduces and rounds back: MPI has no bf16 arithmetic)."""
+    op that widens to float32, reduces and rounds back: MPI has no bf16 arithmetic). Cached: this
+    runs once per message."""
+    cached = _ops.get(op)
+    if cached is not None:
+        return cached
     m = MPI()
     if ":" not in op:
-        return {"sum": m.SUM, "max": m.MAX, "min": m.MIN}[op]
-    if op not in _user_ops:
-        base, fmt = op.split(":")
-        combine = {"sum": numpy.add, "max": numpy.maximum, "min": numpy.minimum}[base]
+        _ops[op] = {"sum": m.SUM, "max": m.MAX, "min": m.MIN}[op]
+        return _ops[op]
+    base, fmt = op.split(":")
+    combine = {"sum": numpy.add, "max": numpy.maximum, "min": numpy.minimum}[base]
 
-        def reduce16(inbuf, inoutbuf, datatype):
-            a = from_wire(numpy.frombuffer(inbuf, dtype=numpy.uint16), fmt)
-            io = numpy.frombuffer(inoutbuf, dtype=numpy.uint16)
-            io[...] = to_wire(combine(a, from_wire(io, fmt)), fmt)
+    def reduce16(inbuf, inoutbuf, datatype):
+        a = from_wire(numpy.frombuffer(inbuf, dtype=numpy.uint16), fmt)
+        io = numpy.frombuffer(inoutbuf, dtype=numpy.uint16)
+        io[...] = to_wire(combine(a, from_wire(io, fmt)), fmt)
 
-        _user_ops[op] = m.Op.Create(reduce16, commute=True)
-    return _user_ops[op]
+    _ops[op] = m.Op.Create(reduce16, commute=True)
+    return _ops[op]
 
 
 _cuda_aware = None
@@ -154,9 +158,14 @@ class MPIGroup(Group):
         self.rank = comm.Get_rank()
         self.ranks = tuple(ranks) if ranks is not None else tuple(range(self.size))
 
+    # Each operation has a path for host (NumPy) arrays, which MPI reads and writes as they are, kept
+    # short because it runs once per message: tensor parallelism issues thousands of small ones.
     def _all_reduce(self, buf, op):
         if not buf.flags.c_contiguous:
             raise ValueError("all_reduce works in place and needs a contiguous array")
+        if type(buf) is numpy.ndarray:
+            self.comm.Allreduce(MPI().IN_PLACE, buf, op=_op(op))
+            return
         s = _Staged(buf, writes=True, host=":" in op)
         self.comm.Allreduce(MPI().IN_PLACE, s.buf, op=_op(op))
         s.back()
@@ -168,38 +177,72 @@ class MPIGroup(Group):
         return [(self.comm.Iallreduce(MPI().IN_PLACE, s.buf, op=_op(op)), s)]
 
     def _all_gather(self, send, recv, counts):
-        s, r = _Staged(send), _Staged(recv, reads=False, writes=True)
-        row = math.prod(send.shape[1:])
-        if all(c == counts[0] for c in counts):
-            self.comm.Allgather(s.buf, r.buf)
+        host = type(send) is numpy.ndarray and type(recv) is numpy.ndarray
+        s, r = (send, recv) if host else (_Staged(send), _Staged(recv, reads=False, writes=True))
+        sbuf, rbuf = (send, recv) if host else (s.buf, r.buf)
+        if counts.count(counts[0]) == len(counts):
+            self.comm.Allgather(sbuf, rbuf)
         else:
+            row = math.prod(send.shape[1:])
             sizes = [c * row for c in counts]
             displs = numpy.concatenate([[0], numpy.cumsum(sizes)[:-1]]).tolist()
-            self.comm.Allgatherv(s.buf, [r.buf, sizes, displs, MPI()._typedict[send.dtype.char]])
-        s.back()
-        r.back()
+            self.comm.Allgatherv(sbuf, [rbuf, sizes, displs, MPI()._typedict[send.dtype.char]])
+        if not host:
+            s.back()
+            r.back()
 
     def _reduce_scatter(self, send, recv, counts, op):
-        s, r = _Staged(send, host=":" in op), _Staged(recv, reads=False, writes=True, host=":" in op)
-        row = math.prod(send.shape[1:])
-        self.comm.Reduce_scatter(s.buf, r.buf, [c * row for c in counts], op=_op(op))
-        s.back()
-        r.back()
+        host = type(send) is numpy.ndarray and type(recv) is numpy.ndarray
+        if host:
+            s = r = None
+            sbuf, rbuf = send, recv
+        else:
+            s, r = _Staged(send, host=":" in op), _Staged(recv, reads=False, writes=True, host=":" in op)
+            sbuf, rbuf = s.buf, r.buf
+        if counts.count(counts[0]) == len(counts):
+            self.comm.Reduce_scatter_block(sbuf, rbuf, op=_op(op))
+        else:
+            row = math.prod(send.shape[1:])
+            self.comm.Reduce_scatter(sbuf, rbuf, [c * row for c in counts], op=_op(op))
+        if not host:
+            s.back()
+            r.back()
 
     def _broadcast(self, buf, root):
+        if type(buf) is numpy.ndarray:
+            self.comm.Bcast(buf, root=root)
+            return
         s = _Staged(buf, writes=True)
         self.comm.Bcast(s.buf, root=root)
         s.back()
 
     def _isend(self, buf, peer, tag):
-        s = _Staged(buf)  # kept with the request: its pinned copy must outlive the send
-        return [(self.comm.Isend(s.buf, dest=peer, tag=tag), s)]
+        s = None if type(buf) is numpy.ndarray else _Staged(buf)  # a pinned copy must outlive the send
+        return [(self.comm.Isend(buf if s is None else s.buf, dest=peer, tag=tag), s)]
 
     def _irecv(self, buf, peer, tag):
-        r = _Staged(buf, reads=False, writes=True)
-        return [(self.comm.Irecv(r.buf, source=peer, tag=tag), r)]
+        r = None if type(buf) is numpy.ndarray else _Staged(buf, reads=False, writes=True)
+        return [(self.comm.Irecv(buf if r is None else r.buf, source=peer, tag=tag), r)]
+
+    def _send_blocking(self, buf, peer, tag):
+        if type(buf) is numpy.ndarray:
+            self.comm.Send(buf, dest=peer, tag=tag)
+        else:
+            super()._send_blocking(buf, peer, tag)
+
+    def _recv_blocking(self, buf, peer, tag):
+        if type(buf) is numpy.ndarray:
+            self.comm.Recv(buf, source=peer, tag=tag)
+        else:
+            super()._recv_blocking(buf, peer, tag)
 
     def _wait_all(self, requests):
+        if len(requests) == 1:
+            request, staged = requests[0]
+            request.Wait()
+            if staged is not None:
+                staged.back()
+            return
         MPI().Request.Waitall([req for req, _ in requests])
         for _, staged in requests:
             if staged is not None:
