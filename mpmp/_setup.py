@@ -73,6 +73,16 @@ def threads_per_rank(environ=os.environ) -> int:
     return max(1, available_cores() // local_ranks(environ))
 
 
+def kernel_threads(environ=os.environ) -> int:
+    """The threads this process's own kernels may use: its BLAS threads (the first thread variable
+    set, as configure() sets them), else its share of the node's cores."""
+    for var in _THREAD_VARS:
+        value = environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return threads_per_rank(environ)
+
+
 def configure(environ=os.environ) -> int | None:
     """Set the BLAS thread variables for this rank unless the user set one. Returns the count set."""
     if any(var in environ for var in _THREAD_VARS) or environ.get("MPMP_BLAS_THREADS") == "auto-off":

@@ -4,7 +4,10 @@ Kernels take the module from their inputs (`array_module(x)`), so they stay pure
 arrays from nothing (parameters, buffers) asks `xp()`, which `use()` sets once at start-up.
 """
 
+import contextvars
+import itertools
 import os
+import threading
 
 import numpy
 
@@ -92,6 +95,118 @@ def synchronize():
 def blas_threads() -> str:
     """What this process asked BLAS for (for the start-up banner)."""
     return os.environ.get("OPENBLAS_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "default"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Threads for the NumPy kernels. NumPy runs one ufunc on one core, but releases the GIL inside its
+# loops (and inside BLAS), so the row blocks of an elementwise or row-wise kernel can run on several
+# Python threads at once. A rank uses as many as it has BLAS threads (mpmp._setup). While they run,
+# OpenBLAS is held to one thread: its own workers would compete for the same cores, and its thread
+# count is one number for the whole process (openblas_set_num_threads_local is not thread-local).
+# ---------------------------------------------------------------------------------------------
+
+_pool = {"threads": None, "executor": None, "blas": None}
+_inside = threading.local()
+
+
+def kernel_threads() -> int:
+    """How many threads the NumPy kernels split their work over."""
+    if _pool["threads"] is None:
+        from mpmp._setup import kernel_threads as from_environment
+
+        _pool["threads"] = from_environment()
+    return _pool["threads"]
+
+
+def set_kernel_threads(n: int) -> int:
+    """Use n threads from now on (tests, benchmarks); returns the previous count."""
+    old = kernel_threads()
+    _pool["threads"] = max(1, int(n))
+    return old
+
+
+def for_blocks(fn, n: int, block: int) -> list:
+    """[fn(lo, hi) for the blocks [lo, hi) of [0, n), each `block` long but the last], run over the
+    kernel threads (this one among them) in any order; the results come back in block order.
+
+    Each thread takes the next block when it finishes one, and this thread waits only for blocks
+    another thread has taken: a helper the OS has not scheduled yet (a busy machine) holds nothing
+    up, and finds no work when it starts."""
+    spans = [(lo, min(lo + block, n)) for lo in range(0, n, max(1, block))]
+    threads = 1 if _name == "cupy" else min(kernel_threads(), len(spans))  # a GPU has its own threads
+    if threads <= 1 or getattr(_inside, "busy", False):
+        return [fn(lo, hi) for lo, hi in spans]
+    results, errors = [None] * len(spans), []
+    order, finished, done = iter(range(len(spans))), itertools.count(1), threading.Event()
+
+    def work():  # next() on an iterator or a counter is atomic under the GIL
+        _inside.busy = True
+        for i in order:
+            try:
+                results[i] = fn(*spans[i])
+            except BaseException as exc:  # raised again by the calling thread
+                errors.append(exc)
+            if next(finished) == len(spans):
+                done.set()
+        _inside.busy = False
+
+    with _blas_held_to_one():
+        for _ in range(threads - 1):  # in a copy of this thread's context: NumPy's errstate lives there
+            _executor().submit(contextvars.copy_context().run, work)
+        work()
+        done.wait()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def _executor():
+    if _pool["executor"] is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _pool["executor"] = ThreadPoolExecutor(max(1, kernel_threads() - 1), thread_name_prefix="mpmp-kernel")
+    return _pool["executor"]
+
+
+class _blas_held_to_one:
+    """OpenBLAS's thread count set to 1 inside, restored after (nothing when BLAS is not OpenBLAS)."""
+
+    def __enter__(self):
+        self.calls = _openblas_threads_calls()
+        self.saved = self.calls[0]() if self.calls else 1
+        if self.saved > 1:
+            self.calls[1](1)
+
+    def __exit__(self, *exc):
+        if self.saved > 1:
+            self.calls[1](self.saved)
+
+
+def _openblas_threads_calls():
+    """(get, set) of the thread count of the OpenBLAS NumPy uses, found in this process's mapped
+    libraries (scipy-openblas wheels prefix and suffix the names); None for another BLAS."""
+    if _pool["blas"] is None:
+        _pool["blas"] = ()
+        try:
+            import ctypes
+
+            with open("/proc/self/maps") as maps:
+                paths = {line.split()[-1] for line in maps if "openblas" in line and ".so" in line}
+            for path in sorted(paths):
+                lib = ctypes.CDLL(path)
+                for get, set_ in (
+                    ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
+                    ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
+                    ("openblas_get_num_threads", "openblas_set_num_threads"),
+                ):
+                    if hasattr(lib, get) and hasattr(lib, set_):
+                        getattr(lib, get).restype = ctypes.c_int
+                        getattr(lib, set_).argtypes = [ctypes.c_int]
+                        _pool["blas"] = (getattr(lib, get), getattr(lib, set_))
+                        return _pool["blas"]
+        except OSError:
+            pass
+    return _pool["blas"]
 
 
 # ---------------------------------------------------------------------------------------------

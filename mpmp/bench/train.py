@@ -8,6 +8,11 @@ card's dense bf16 tensor-core peak (datasheet, by device name). The goal at the 
 (V 50304, D 768, L 12, H 12, S 1024) in bf16 is an MFU of at least 40%; below 25% something
 structural is wrong.
 
+With --against torch (one process) the same step also runs in PyTorch eager (bench/torch_gpt.py: the
+same shapes, weights, batches, AdamW and clipping), interleaved with mpmp's step by step, and the
+benchmark prints torch step / mpmp step (goal at the two tracked shapes: at least 1.1) and the peak
+resident memory of each framework's step, each measured in a process of its own.
+
 Under mpirun with N ranks the layout is pure data parallelism (dp = N, each rank the configured
 batch B), and each configuration is also timed on one rank alone with the same B: the difference is
 the data-parallel all-reduce time that backward did not hide (goal: at most 10% of the step).
@@ -28,6 +33,7 @@ from mpmp.errors import ConfigError
 DEFAULTS = [((256, 256, 4, 4, 128, 8), 0.5), ((256, 768, 4, 12, 256, 4), 0.65)]
 GPT2_124M = (50304, 768, 12, 12, 1024)
 MFU_GOAL, MFU_FLOOR, DP_EXPOSED_GOAL = 0.40, 0.25, 0.10
+TORCH_RATIO_GOAL = 1.1  # torch step / mpmp step, one process on the CPU
 # dense bf16 tensor-core peak, TFLOP/s (datasheets, no sparsity), by a substring of the device name;
 # the longer names come first where they overlap
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "GH200": 989.4, "A100": 312.0, "L40S": 362.1}
@@ -76,28 +82,41 @@ def device_gemm_flops(n=8192, reps=10) -> float:
     return 2 * n**3 * reps / (cupy.cuda.get_elapsed_time(start, end) / 1e3)
 
 
-def _trainer(shape, dtype, steps, grid=None):
+def configs(shape, dtype, steps, dp=1):
+    """The model and training configurations of shape (V, D, L, H, S, B), B sequences per replica."""
+    v, d, layers, heads, s, b = shape
+    model = ModelConfig(vocab=v, seq_len=s, d_model=d, layers=layers, heads=heads)
+    par = ParallelConfig(dp=dp)
+    return model, TrainConfig(model=model, parallel=par, global_batch=b * dp, seq_len=s, steps=steps, dtype=dtype)
+
+
+def token_data(shape):
+    from mpmp.data import TokenData, builtin_corpus
+
+    return TokenData(builtin_corpus(), shape[4], shape[0])
+
+
+def make_trainer(shape, dtype, steps, grid=None):
     """A trainer of shape (V, D, L, H, S, B) on grid (one process when None; B per replica)."""
     from mpmp.comm.grid import LocalGrid
-    from mpmp.data import TokenData, builtin_corpus
     from mpmp.model.gpt import random_source
     from mpmp.runtime import Trainer
 
-    v, d, layers, heads, s, b = shape
-    dp = 1 if grid is None else grid.dp
-    model = ModelConfig(vocab=v, seq_len=s, d_model=d, layers=layers, heads=heads)
-    par = ParallelConfig(dp=dp)
-    cfg = TrainConfig(model=model, parallel=par, global_batch=b * dp, seq_len=s, steps=steps, dtype=dtype)
+    model, cfg = configs(shape, dtype, steps, 1 if grid is None else grid.dp)
     grid = grid or LocalGrid(wire=cfg.precision)
-    return Trainer(cfg, grid, TokenData(builtin_corpus(), s, v), random_source(model, 0)), model
+    return Trainer(cfg, grid, token_data(shape), random_source(model, 0)), model
 
 
 def train_rate(shape, *, steps=5, warmup=2, dtype="fp32", grid=None) -> dict:
     """Median step time of shape (V, D, L, H, S, B) (B sequences per replica), and what it implies."""
-    trainer, model = _trainer(shape, dtype, steps + warmup, grid)
+    trainer, model = make_trainer(shape, dtype, steps + warmup, grid)
     for _ in range(warmup):
         trainer.train_step()
     step_s = statistics.median(trainer.train_step()["step_s"] for _ in range(steps))
+    return rate(shape, dtype, step_s, model, trainer)
+
+
+def rate(shape, dtype, step_s, model, trainer) -> dict:
     tokens = shape[5] * shape[4]  # per rank
     return {
         "config": dict(zip("VDLHSB", shape)),
@@ -136,6 +155,12 @@ def parse_args(argv):
     p.add_argument("--comm", default="mpi", help="under mpirun: mpi or nccl between the data-parallel ranks")
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument(
+        "--against",
+        choices=["torch"],
+        default=None,
+        help="one process: also run the same step in PyTorch eager, interleaved, and print torch/mpmp",
+    )
     p.add_argument("--json", default=None, help="also write the results here")
     return p.parse_args(argv)
 
@@ -158,6 +183,7 @@ def main(argv=None):
     grid = _dp_grid(args.comm)
     say = print if grid is None or grid.rank == 0 else (lambda *a, **k: None)
     say(machine["line"])
+    args.torch = args.against == "torch" and _torch_usable(on_gpu, grid, say)
     rows = [_measure(shape, goal, args, machine, grid, say) for shape, goal in configs]
     if args.json and (grid is None or grid.rank == 0):
         with open(args.json, "w") as f:
@@ -180,8 +206,34 @@ def _machine(on_gpu) -> dict:
     return {"device": name, "gemm": "bf16 8192^3", "gemm_flops": flops, "peak_flops": peak, "line": line}
 
 
+def _torch_usable(on_gpu, grid, say) -> bool:
+    """Whether --against torch can run here; if not, says why (the GEMM fraction is reported as ever)."""
+    from mpmp.bench.torch_gpt import available
+
+    why = available()
+    if why is None and not on_gpu and grid is None:
+        import torch
+
+        from mpmp.backend import kernel_threads
+
+        say(f"against PyTorch {torch.__version__} eager on the CPU, {kernel_threads()} threads each, interleaved")
+        return True
+    if why is not None:
+        why = f"PyTorch is not installed ({why}; pip install 'mpmp[test]')"
+    else:
+        why = "it compares one process on the CPU" + (" (not --backend cupy)" if on_gpu else " (not under mpirun)")
+    say(f"--against torch: {why}: reporting the GEMM fraction only")
+    return False
+
+
 def _measure(shape, goal, args, machine, grid, say) -> dict:
-    alone = train_rate(shape, steps=args.steps, warmup=args.warmup, dtype=args.dtype)
+    from mpmp.bench import torch_gpt
+
+    vs_torch = None
+    if args.torch:
+        alone, vs_torch = torch_gpt.against_torch(shape, steps=args.steps, warmup=args.warmup)
+    else:
+        alone = train_rate(shape, steps=args.steps, warmup=args.warmup, dtype=args.dtype)
     r = dict(alone, goal=goal, fraction_of_gemm=alone["model_flops"] / machine["gemm_flops"])
     if machine["peak_flops"]:
         r["mfu"] = alone["model_flops"] / machine["peak_flops"]
@@ -195,6 +247,8 @@ def _measure(shape, goal, args, machine, grid, say) -> dict:
     )
     if "mfu" in r and shape[:5] == GPT2_124M and args.dtype == "bf16":
         say(f"  goal: MFU >= {MFU_GOAL:.0%} at the GPT-2 124M shape in bf16: {_verdict(r['mfu'])}")
+    if vs_torch is not None:
+        r["torch"] = _report_torch(shape, vs_torch, say)
     if grid is not None:
         dp = train_rate(shape, steps=args.steps, warmup=args.warmup, dtype=args.dtype, grid=grid)
         r["dp"] = {"ranks": grid.dp, "step_s": dp["step_s"], "exposed": 1 - alone["step_s"] / dp["step_s"]}
@@ -204,6 +258,26 @@ def _measure(shape, goal, args, machine, grid, say) -> dict:
             f"(goal <= {DP_EXPOSED_GOAL:.0%})"
         )
     return r
+
+
+def _report_torch(shape, vs, say) -> dict:
+    """Print the PyTorch comparison of a shape and measure both peak memories; returns the row."""
+    from mpmp.bench import torch_gpt
+
+    met = "met" if vs["ratio"] >= TORCH_RATIO_GOAL else "missed"
+    say(
+        f"  PyTorch: {vs['step_s'] * 1e3:.1f} ms/step; torch step / mpmp step = {vs['ratio']:.2f} "
+        f"(median over step pairs; goal >= {TORCH_RATIO_GOAL}: {met}); "
+        f"losses differ by at most {vs['loss_diff']:.1e}"
+    )
+    memory = {side: torch_gpt.peak_memory(shape, side) for side in ("mpmp", "torch")}
+    mib = {side: (m["peak"] / 2**20, (m["peak"] - m["imports"]) / 2**20) for side, m in memory.items()}
+    say(
+        f"  peak resident memory of a process running the step: mpmp {mib['mpmp'][0]:.0f} MiB "
+        f"({mib['mpmp'][1]:.0f} above its imports), PyTorch {mib['torch'][0]:.0f} MiB "
+        f"({mib['torch'][1]:.0f} above its imports)"
+    )
+    return dict(vs, memory=memory)
 
 
 def _verdict(mfu: float) -> str:

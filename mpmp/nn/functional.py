@@ -8,7 +8,32 @@ training, float64 in the finite-difference tests).
 
 import math
 
-from mpmp.backend import array_module
+from mpmp.backend import array_module, for_blocks, is_device_array
+
+# Elements per block of row-wise work: a block and its temporaries stay in a core's L2 cache, so the
+# several passes of a kernel over a block read cache, not memory, and blocks spread over the
+# rank's kernel threads (backend.for_blocks).
+BLOCK = 1 << 15
+
+
+def _rows(a):
+    """a as [rows, last axis] (a view when a is contiguous)."""
+    return a.reshape(-1, a.shape[-1])
+
+
+def _row_blocks(fn, rows: int, cols: int) -> list:
+    """fn(lo, hi) over blocks of rows of about BLOCK elements, on the kernel threads."""
+    return for_blocks(fn, rows, max(1, BLOCK // max(1, cols)))
+
+
+def _column_sums(parts, out):
+    """out += the sum of per-block column sums (a gradient of a bias or a LayerNorm parameter)."""
+    if not parts:
+        return
+    total = parts[0]
+    for part in parts[1:]:
+        total += part
+    out += total
 
 # ---------------------------------------------------------------------------------------------
 # Linear (GPT-2's Conv1D layout: y = x @ W + b, W is [in, out])
@@ -41,7 +66,8 @@ def linear_backward_weight(dy, x, dw, db=None):
 
 def bias_backward(dy, db):
     """db += dy summed over every position (y = ... + b)."""
-    db += dy.reshape(-1, dy.shape[-1]).sum(axis=0)
+    dy2 = _rows(dy)
+    _column_sums(_row_blocks(lambda lo, hi: dy2[lo:hi].sum(axis=0), *dy2.shape), db)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,33 +99,62 @@ def embedding_backward(dout, ids, dweight):
 
 
 def layernorm_forward(x, w, b, eps=1e-5):
+    """y = (x - mean) / sqrt(var + eps) * w + b over the last axis. Cache: (xhat, rstd, w)."""
     xp = array_module(x)
-    mean = x.mean(axis=-1, keepdims=True)
-    xc = x - mean
-    var = (xc * xc).mean(axis=-1, keepdims=True)
-    rstd = 1.0 / xp.sqrt(var + eps)
-    xhat = xc
-    xhat *= rstd  # xhat = (x - mean) / sqrt(var + eps)
-    y = xhat * w
-    y += b  # y = xhat * w + b
+    y, xhat = xp.empty_like(x), xp.empty_like(x)
+    rstd = xp.empty(x.shape[:-1] + (1,), dtype=x.dtype)
+    x2, y2, xhat2, rstd2 = _rows(x), _rows(y), _rows(xhat), _rows(rstd)
+
+    def block(lo, hi):
+        _layernorm_rows(x2[lo:hi], w, b, eps, (y2[lo:hi], xhat2[lo:hi], rstd2[lo:hi]))
+
+    _row_blocks(block, *x2.shape)
     return y, (xhat, rstd, w)
+
+
+def _layernorm_rows(x, w, b, eps, out):
+    """layernorm_forward over a block of rows, into out = (y, xhat, rstd)."""
+    xp = array_module(x)
+    y, xhat, rstd = out
+    xp.subtract(x, x.mean(axis=-1, keepdims=True), out=xhat)  # xc = x - mean
+    var = xp.multiply(xhat, xhat)
+    var = var.mean(axis=-1, keepdims=True)  # mean(xc^2)
+    var += eps
+    xp.divide(1.0, xp.sqrt(var, out=var), out=rstd)  # rstd = 1 / sqrt(var + eps)
+    xhat *= rstd  # xhat = (x - mean) * rstd
+    xp.multiply(xhat, w, out=y)
+    y += b  # y = xhat * w + b
 
 
 def layernorm_backward(dy, cache, dw, db):
     """Returns dx; accumulates dw, db. dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w."""
     xhat, rstd, w = cache
-    d = dy.shape[-1]
-    dy2 = dy.reshape(-1, d)
-    xhat2 = xhat.reshape(-1, d)
-    dw += (dy2 * xhat2).sum(axis=0)
-    db += dy2.sum(axis=0)
-    g = dy * w
-    mean_g = g.mean(axis=-1, keepdims=True)
-    mean_gx = (g * xhat).mean(axis=-1, keepdims=True)
-    g -= mean_g  # g - mean(g)
-    g -= xhat * mean_gx  # ... - xhat * mean(g * xhat)
+    xp = array_module(dy)
+    dx = xp.empty(xhat.shape, dtype=dy.dtype)
+    dy2, xhat2, rstd2, dx2 = _rows(dy), _rows(xhat), _rows(rstd), _rows(dx)
+
+    def block(lo, hi):
+        return _layernorm_grad_rows(dy2[lo:hi], xhat2[lo:hi], rstd2[lo:hi], w, dx2[lo:hi])
+
+    parts = _row_blocks(block, *dy2.shape)
+    _column_sums([dw_part for dw_part, _ in parts], dw)
+    _column_sums([db_part for _, db_part in parts], db)
+    return dx
+
+
+def _layernorm_grad_rows(dy, xhat, rstd, w, g):
+    """layernorm_backward over a block of rows: dx into g; returns this block's (dw, db) sums."""
+    xp = array_module(dy)
+    xp.multiply(dy, xhat, out=g)
+    parts = g.sum(axis=0), dy.sum(axis=0)  # dw = sum(dy * xhat), db = sum(dy)
+    xp.multiply(dy, w, out=g)  # g = dy * w
+    gx = xp.multiply(g, xhat)
+    mean_gx = gx.mean(axis=-1, keepdims=True)  # mean(g * xhat)
+    g -= g.mean(axis=-1, keepdims=True)  # g - mean(g)
+    xp.multiply(xhat, mean_gx, out=gx)
+    g -= gx  # ... - xhat * mean(g * xhat)
     g *= rstd  # ... * rstd = dx
-    return g
+    return parts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,40 +166,53 @@ _GELU_A = 0.044715
 
 
 def gelu_forward(x):
+    """y = 0.5 x (1 + tanh(c (x + a x^3))). Cache: (x, t), t the tanh."""
     xp = array_module(x)
-    c = x.dtype.type(_GELU_C)
-    a = x.dtype.type(_GELU_A)
-    inner = x * x
-    inner *= a
-    inner += 1
-    inner *= x
-    inner *= c  # inner = c (x + a x^3)
-    t = xp.tanh(inner, out=inner)  # t = tanh(inner)
-    y = t + 1
+    y, t = xp.empty_like(x), xp.empty_like(x)
+    x2, y2, t2 = _rows(x), _rows(y), _rows(t)
+    _row_blocks(lambda lo, hi: _gelu_rows(x2[lo:hi], y2[lo:hi], t2[lo:hi]), *x2.shape)
+    return y, (x, t)
+
+
+def _gelu_rows(x, y, t):
+    """gelu_forward over a block of rows, into y and t."""
+    xp = array_module(x)
+    xp.multiply(x, x, out=t)
+    t *= x.dtype.type(_GELU_A)
+    t += 1
+    t *= x
+    t *= x.dtype.type(_GELU_C)  # inner = c (x + a x^3)
+    xp.tanh(t, out=t)  # t = tanh(inner)
+    xp.add(t, 1, out=y)
     y *= x
     y *= 0.5  # y = 0.5 x (1 + t)
-    return y, (x, t)
 
 
 def gelu_backward(dy, cache):
     """d/dx 0.5x(1+t) = 0.5(1+t) + 0.5x(1-t^2) c (1 + 3a x^2)."""
     x, t = cache
-    c = x.dtype.type(_GELU_C)
-    a3 = x.dtype.type(3 * _GELU_A)
-    dinner = x * x
-    dinner *= a3
-    dinner += 1
-    dinner *= c  # d inner / dx = c (1 + 3a x^2)
-    sech2 = t * t
+    dx = array_module(x).empty_like(x)
+    dy2, x2, t2, dx2 = _rows(dy), _rows(x), _rows(t), _rows(dx)
+    _row_blocks(lambda lo, hi: _gelu_grad_rows(dy2[lo:hi], x2[lo:hi], t2[lo:hi], dx2[lo:hi]), *x2.shape)
+    return dx
+
+
+def _gelu_grad_rows(dy, x, t, dx):
+    """gelu_backward over a block of rows, into dx."""
+    xp = array_module(x)
+    xp.multiply(x, x, out=dx)
+    dx *= x.dtype.type(3 * _GELU_A)
+    dx += 1
+    dx *= x.dtype.type(_GELU_C)  # d inner / dx = c (1 + 3a x^2)
+    sech2 = xp.multiply(t, t)
     sech2 -= 1
     sech2 *= -1  # d tanh = 1 - t^2
-    dinner *= sech2
-    dinner *= x  # x (1 - t^2) c (1 + 3a x^2)
-    dinner += t
-    dinner += 1
-    dinner *= 0.5  # 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3a x^2)
-    dinner *= dy  # chain rule
-    return dinner
+    dx *= sech2
+    dx *= x  # x (1 - t^2) c (1 + 3a x^2)
+    dx += t
+    dx += 1
+    dx *= 0.5  # 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3a x^2)
+    dx *= dy  # chain rule
 
 
 def bias_gelu_forward(h, b):
@@ -156,9 +224,17 @@ def bias_gelu_forward(h, b):
 
 
 def bias_gelu_backward(dy, cache, db):
-    """Returns dh = dy * gelu'(x); accumulates db += dh summed over every position."""
-    dh = gelu_backward(dy, cache)
-    bias_backward(dh, db)
+    """Returns dh = dy * gelu'(x); accumulates db += dh summed over every position (each block's
+    column sums taken while it is in cache)."""
+    x, t = cache
+    dh = array_module(x).empty_like(x)
+    dy2, x2, t2, dh2 = _rows(dy), _rows(x), _rows(t), _rows(dh)
+
+    def block(lo, hi):
+        _gelu_grad_rows(dy2[lo:hi], x2[lo:hi], t2[lo:hi], dh2[lo:hi])
+        return dh2[lo:hi].sum(axis=0)
+
+    _column_sums(_row_blocks(block, *x2.shape), db)
     return dh
 
 
@@ -179,13 +255,24 @@ def _causal_mask(xp, t, dtype):
 
 def _attention_probs(qs, k):
     """softmax(qs k^T + causal mask) over the last axis, qs already scaled by 1/sqrt(hd)."""
-    xp = array_module(qs)
-    s = qs @ k.swapaxes(-1, -2)
-    s += _causal_mask(xp, qs.shape[-2], qs.dtype)  # -inf above the diagonal
+    return _causal_softmax_(qs @ k.swapaxes(-1, -2))
+
+
+def _causal_softmax_(s):
+    """The scores s [..., T, T] -> their causal softmax, in place."""
+    xp = array_module(s)
+    s += _causal_mask(xp, s.shape[-2], s.dtype)  # -inf above the diagonal
     s -= s.max(axis=-1, keepdims=True)  # the row max subtracted: exp never overflows
     xp.exp(s, out=s)
     s /= s.sum(axis=-1, keepdims=True)  # p = exp(s) / sum exp(s)
     return s
+
+
+def _head_blocks(fn, b: int, h: int, t: int):
+    """fn(i, h0, h1) for sequence i and a group of its heads [h0, h1), over the kernel threads; the
+    groups are as large as fit BLOCK * 4 scores [T, T] (the scores of a group stay in L2)."""
+    group = max([g for g in range(1, h + 1) if h % g == 0 and g * t * t <= 4 * BLOCK] or [1])
+    for_blocks(lambda lo, hi: fn(lo // h, lo % h, lo % h + hi - lo), b * h, group)
 
 
 def attention_forward(q, k, v, keep_probs=True):
@@ -194,28 +281,62 @@ def attention_forward(q, k, v, keep_probs=True):
     The scale 1/sqrt(hd) is applied to q (hd columns) rather than to the scores (T columns).
     keep_probs=False is selective recomputation (arXiv 2205.05198 §5): the [B, H, T, T] probabilities,
     the largest activation of a layer, are rebuilt from q and k in backward instead of kept.
+    Groups of heads run on the kernel threads, each from its scores to its output while they are in
+    cache. out is a view of a [B, T, H, hd] array, so merge_heads needs no copy.
     """
-    qs = q * q.dtype.type(1.0 / math.sqrt(q.shape[-1]))
-    p = _attention_probs(qs, k)
-    out = p @ v
-    return out, (qs, k, v, p if keep_probs else None)
+    xp = array_module(q)
+    b, h, t, hd = q.shape
+    qs = xp.empty(q.shape, dtype=q.dtype)
+    out = xp.empty((b, t, h, hd), dtype=q.dtype).transpose(0, 2, 1, 3)
+    p = xp.empty((b, h, t, t), dtype=q.dtype) if keep_probs else None
+    scale = q.dtype.type(1.0 / math.sqrt(hd))
+
+    def heads(i, h0, h1):
+        qs_g, k_g = qs[i, h0:h1], k[i, h0:h1]
+        xp.multiply(q[i, h0:h1], scale, out=qs_g)
+        p_g = xp.matmul(qs_g, k_g.swapaxes(-1, -2), out=None if p is None else p[i, h0:h1])
+        xp.matmul(_causal_softmax_(p_g), v[i, h0:h1], out=out[i, h0:h1])
+
+    _head_blocks(heads, b, h, t)
+    return out, (qs, k, v, p)
 
 
 def attention_backward(dout, cache):
-    """Returns dq, dk, dv for the upstream gradient dout [B, H, T, hd]."""
+    """Returns dq, dk, dv for the upstream gradient dout [B, H, T, hd]: views of one [B, T, 3, H, hd]
+    array, the layout merge_heads_qkv returns without a copy."""
     qs, k, v, p = cache
-    if p is None:
-        p = _attention_probs(qs, k)
-    dv = p.swapaxes(-1, -2) @ dout
-    dp = dout @ v.swapaxes(-1, -2)
-    # softmax backward: ds = p * (dp - sum(dp * p))
-    rowdot = (dp * p).sum(axis=-1, keepdims=True)
-    dp -= rowdot
-    dp *= p  # ds
-    dq = dp @ k
-    dq *= qs.dtype.type(1.0 / math.sqrt(qs.shape[-1]))
-    dk = dp.swapaxes(-1, -2) @ qs
+    xp = array_module(qs)
+    b, h, t, hd = qs.shape
+    dqkv = xp.empty((b, t, 3, h, hd), dtype=qs.dtype)
+    dq, dk, dv = (dqkv[:, :, j].transpose(0, 2, 1, 3) for j in range(3))
+    scale = qs.dtype.type(1.0 / math.sqrt(hd))
+
+    def heads(i, h0, h1):
+        qs_g, k_g, v_g, do_g = qs[i, h0:h1], k[i, h0:h1], v[i, h0:h1], dout[i, h0:h1]
+        p_g = _attention_probs(qs_g, k_g) if p is None else p[i, h0:h1]
+        xp.matmul(p_g.swapaxes(-1, -2), do_g, out=dv[i, h0:h1])
+        ds = _softmax_backward_(xp.matmul(do_g, v_g.swapaxes(-1, -2)), p_g)
+        xp.multiply(xp.matmul(ds, k_g, out=dq[i, h0:h1]), scale, out=dq[i, h0:h1])
+        xp.matmul(ds.swapaxes(-1, -2), qs_g, out=dk[i, h0:h1])
+
+    _head_blocks(heads, b, h, t)
     return dq, dk, dv
+
+
+def _softmax_backward_(dp, p):
+    """ds = p * (dp - sum(dp * p)) over the last axis, in place over dp: the row sums in one pass
+    (a dot product per row, no [T, T] temporary)."""
+    dp -= _row_dot(dp, p)
+    dp *= p  # ds
+    return dp
+
+
+def _row_dot(a, b):
+    """sum(a * b) over the last axis, keeping it: [..., 1]."""
+    xp = array_module(a)
+    if hasattr(xp, "vecdot"):
+        return xp.vecdot(a, b)[..., None]
+    return (a * b).sum(axis=-1, keepdims=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,9 +460,15 @@ def split_heads(qkv, n_heads):
 
 
 def merge_heads_qkv(dq, dk, dv):
-    """Inverse of split_heads for the gradients: three [B, H, T, hd] -> [B, T, 3*H*hd]."""
+    """Inverse of split_heads for the gradients: three [B, H, T, hd] -> [B, T, 3*H*hd]. No copy when
+    they are already the three parts of one such array (as attention_backward returns them)."""
     xp = array_module(dq)
     b, h, t, hd = dq.shape
+    whole = dq.base
+    if whole is not None and whole is dk.base and whole is dv.base and whole.shape == (b, t, 3, h, hd):
+        parts = tuple(whole[:, :, j].transpose(0, 2, 1, 3) for j in range(3))
+        if all(_same_view(a, part) for a, part in zip((dq, dk, dv), parts)):
+            return whole.reshape(b, t, 3 * h * hd)
     out = xp.empty((b, t, 3, h, hd), dtype=dq.dtype)
     out[:, :, 0] = dq.transpose(0, 2, 1, 3)
     out[:, :, 1] = dk.transpose(0, 2, 1, 3)
@@ -349,8 +476,15 @@ def merge_heads_qkv(dq, dk, dv):
     return out.reshape(b, t, 3 * h * hd)
 
 
+def _same_view(a, b) -> bool:
+    """Whether two arrays are the same elements of the same memory in the same layout."""
+    address = (lambda x: x.data.ptr) if is_device_array(a) else (lambda x: x.__array_interface__["data"][0])
+    return a.strides == b.strides and a.shape == b.shape and address(a) == address(b)
+
+
 def merge_heads(x):
-    """[B, H, T, hd] -> [B, T, H*hd]."""
+    """[B, H, T, hd] -> [B, T, H*hd] (no copy when x is a transposed [B, T, H, hd] array, as
+    attention_forward returns it)."""
     b, h, t, hd = x.shape
     return x.transpose(0, 2, 1, 3).reshape(b, t, h * hd)
 

@@ -7,8 +7,9 @@ applies where decay_mask is 1 (matrices and embeddings), never to biases or Laye
 """
 
 import math
+import threading
 
-from mpmp.backend import array_module, is_device_array
+from mpmp.backend import array_module, for_blocks, is_device_array
 from mpmp.config import AdamWConfig
 from mpmp.optim.buffer import CHUNK
 
@@ -26,34 +27,45 @@ def adamw_update(
     param, grad, m, v, *, step: int, lr: float, hp: AdamWConfig, decay_runs=(), scratch=None, grad_scale=1.0
 ):
     """One AdamW step in place on flat arrays (step counts from 1), in torch's order of operations,
-    with g = grad * grad_scale (clipping, loss scale) formed chunk by chunk; grad is not modified."""
+    with g = grad * grad_scale (clipping, loss scale) formed chunk by chunk; grad is not modified.
+    The chunks are independent and spread over the kernel threads; scratch (2 x CHUNK) serves the
+    calling thread, the others take their own."""
     xp = array_module(param)
     if hp.weight_decay:
         keep = 1 - lr * hp.weight_decay
         for lo, hi in decay_runs:
             param[lo:hi] *= keep  # decoupled decay: p <- p (1 - lr wd), before the moments
-    bias2_sqrt = math.sqrt(1 - hp.beta2**step)
-    step_size = lr / (1 - hp.beta1**step)
-    if scratch is None:
-        scratch = xp.empty((2, min(CHUNK, param.size)), dtype=param.dtype)
-    for lo in range(0, param.size, CHUNK):
-        hi = min(lo + CHUNK, param.size)
-        p, g, mc, vc, t = param[lo:hi], grad[lo:hi], m[lo:hi], v[lo:hi], scratch[0, : hi - lo]
-        if grad_scale != 1.0:
-            g = xp.multiply(g, grad_scale, out=scratch[1, : hi - lo])
-        xp.subtract(g, mc, out=t)  # m <- m + (1 - b1)(g - m)
-        t *= 1 - hp.beta1
-        mc += t
-        xp.multiply(g, g, out=t)  # v <- b2 v + (1 - b2) g^2
-        t *= 1 - hp.beta2
-        vc *= hp.beta2
-        vc += t
-        xp.sqrt(vc, out=t)  # t <- sqrt(v) / sqrt(1 - b2^step) + eps
-        t /= bias2_sqrt
-        t += hp.eps
-        xp.divide(mc, t, out=t)  # p <- p - lr / (1 - b1^step) * m / t
-        t *= step_size
-        p -= t
+    consts = (math.sqrt(1 - hp.beta2**step), lr / (1 - hp.beta1**step), grad_scale)
+    caller = threading.get_ident()
+
+    def chunk(lo, hi):
+        own = scratch if scratch is not None and threading.get_ident() == caller else None
+        t = own[:, : hi - lo] if own is not None else xp.empty((2, hi - lo), dtype=param.dtype)
+        _adamw_chunk((param[lo:hi], grad[lo:hi], m[lo:hi], v[lo:hi]), t, hp, consts)
+
+    for_blocks(chunk, param.size, CHUNK)
+
+
+def _adamw_chunk(arrays, t, hp, consts):
+    """AdamW on one chunk of (param, grad, m, v), with two rows of scratch t."""
+    xp = array_module(t)
+    p, g, mc, vc = arrays
+    bias2_sqrt, step_size, grad_scale = consts
+    if grad_scale != 1.0:
+        g = xp.multiply(g, grad_scale, out=t[1])
+    xp.subtract(g, mc, out=t[0])  # m <- m + (1 - b1)(g - m)
+    t[0] *= 1 - hp.beta1
+    mc += t[0]
+    xp.multiply(g, g, out=t[0])  # v <- b2 v + (1 - b2) g^2
+    t[0] *= 1 - hp.beta2
+    vc *= hp.beta2
+    vc += t[0]
+    xp.sqrt(vc, out=t[0])  # t <- sqrt(v) / sqrt(1 - b2^step) + eps
+    t[0] /= bias2_sqrt
+    t[0] += hp.eps
+    xp.divide(mc, t[0], out=t[0])  # p <- p - lr / (1 - b1^step) * m / t
+    t[0] *= step_size
+    p -= t[0]
 
 
 class AdamW:

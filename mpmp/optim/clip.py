@@ -7,23 +7,30 @@ groups that partition the model (tp x pp, plus dp under ZeRO) gives the squared 
 """
 
 import math
+import threading
 
-from mpmp.backend import array_module
+from mpmp.backend import array_module, for_blocks
 from mpmp.optim.buffer import CHUNK
 
 
 def local_sq_norm(grad, runs, scratch=None) -> float:
     """Sum of squares of grad over the [lo, hi) runs that count, in float64: each cache-sized chunk
-    is squared into a float64 scratch buffer and summed there (no model-sized temporaries)."""
+    is squared into a float64 scratch buffer and summed there (no model-sized temporaries). The
+    chunks spread over the kernel threads; scratch serves the calling thread, the others take their own."""
     xp = array_module(grad)
     scratch = xp.empty(CHUNK, dtype=xp.float64) if scratch is None else scratch
+    chunks = [(a, min(a + CHUNK, hi)) for lo, hi in runs for a in range(lo, hi, CHUNK)]
+    caller = threading.get_ident()
+
+    def squares(i, _):
+        a, b = chunks[i]
+        t = scratch[: b - a] if threading.get_ident() == caller else xp.empty(b - a, dtype=xp.float64)
+        xp.multiply(grad[a:b], grad[a:b], out=t, dtype=xp.float64)
+        return t.sum()
+
     total = 0.0  # stays on the device until the end (one synchronisation on GPUs)
-    for lo, hi in runs:
-        for a in range(lo, hi, CHUNK):
-            b = min(a + CHUNK, hi)
-            t = scratch[: b - a]
-            xp.multiply(grad[a:b], grad[a:b], out=t, dtype=xp.float64)
-            total = total + t.sum()
+    for part in for_blocks(squares, len(chunks), 1):
+        total = total + part
     return float(total)
 
 
