@@ -73,14 +73,26 @@ def threads_per_rank(environ=os.environ) -> int:
     return max(1, available_cores() // local_ranks(environ))
 
 
-def kernel_threads(environ=os.environ) -> int:
-    """The threads this process's own kernels may use: its BLAS threads (the first thread variable
-    set, as configure() sets them), else its share of the node's cores."""
+def blas_thread_count(environ=os.environ) -> int:
+    """This process's BLAS threads: the first thread variable set (as configure() sets them), else
+    its share of the node's cores."""
     for var in _THREAD_VARS:
         value = environ.get(var, "")
         if value.isdigit() and int(value) > 0:
             return int(value)
     return threads_per_rank(environ)
+
+
+def kernel_threads(environ=os.environ) -> int:
+    """Threads for the row blocks of the NumPy kernels (backend.for_blocks): MPMP_KERNEL_THREADS,
+    default 1. Opt-in: on the 2-core development machine two threads made the step slower, not
+    faster (README, Benchmarks), while the BLAS products already use both cores."""
+    value = environ.get("MPMP_KERNEL_THREADS", "1")
+    if not value.isdigit() or int(value) < 1:
+        from mpmp.errors import ConfigError
+
+        raise ConfigError(f"MPMP_KERNEL_THREADS must be a whole number of at least 1, not {value!r}")
+    return int(value)
 
 
 def configure(environ=os.environ) -> int | None:

@@ -100,7 +100,8 @@ def blas_threads() -> str:
 # ---------------------------------------------------------------------------------------------
 # Threads for the NumPy kernels. NumPy runs one ufunc on one core, but releases the GIL inside its
 # loops (and inside BLAS), so the row blocks of an elementwise or row-wise kernel can run on several
-# Python threads at once. A rank uses as many as it has BLAS threads (mpmp._setup). While they run,
+# Python threads at once. A rank uses MPMP_KERNEL_THREADS of them (default 1: measured slower with
+# two on a 2-core machine, where BLAS already uses both; mpmp._setup.kernel_threads). While they run,
 # OpenBLAS is held to one thread: its own workers would compete for the same cores, and its thread
 # count is one number for the whole process (openblas_set_num_threads_local is not thread-local).
 # ---------------------------------------------------------------------------------------------

@@ -190,3 +190,14 @@ def test_merge_heads_qkv_takes_the_gradients_of_attention_backward_as_they_are(r
     # three views of one array in another order are copied into the right places
     swapped = F.merge_heads_qkv(grads[1], grads[0], grads[2])
     numpy.testing.assert_array_equal(F.split_heads(swapped, 3)[0], grads[1])
+
+
+def test_kernel_threads_are_opt_in_and_a_bad_count_is_refused():
+    from mpmp._setup import kernel_threads
+    from mpmp.errors import ConfigError
+
+    assert kernel_threads({}) == 1
+    assert kernel_threads({"MPMP_KERNEL_THREADS": "3"}) == 3
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(ConfigError, match="MPMP_KERNEL_THREADS"):
+            kernel_threads({"MPMP_KERNEL_THREADS": bad})

@@ -15,7 +15,7 @@ import statistics
 import sys
 import time
 
-from mpmp.backend import kernel_threads
+from mpmp._setup import blas_thread_count
 from mpmp.bench.train import configs, make_trainer, rate, token_data
 from mpmp.model.gpt import random_source
 
@@ -103,7 +103,7 @@ def against_torch(shape, *, steps=5, warmup=2) -> tuple[dict, dict]:
     in turn (which goes first alternates), in this process. Returns (mpmp's rate as train_rate's,
     {"step_s", "ratio": median over steps of torch/mpmp, "loss_diff": the largest |loss difference|})."""
     trainer, model = make_trainer(shape, "fp32", steps + warmup)
-    ref = TorchStep(model, trainer.cfg, random_source(model, 0), kernel_threads())
+    ref = TorchStep(model, trainer.cfg, random_source(model, 0), blas_thread_count())
     ours, theirs, loss_diff = [], [], 0.0
     for i in range(steps + warmup):
         inputs, targets = trainer.data.replica_batch(i, trainer.cfg.global_batch, 0, 1)
@@ -158,7 +158,7 @@ def _peak_memory_child(shape, side, steps):
     imports = _resident_peak()
     if side == "torch":
         model, cfg = configs(shape, "fp32", steps)
-        ref = TorchStep(model, cfg, random_source(model, 0), kernel_threads())
+        ref = TorchStep(model, cfg, random_source(model, 0), blas_thread_count())
         data = token_data(shape)
         for i in range(steps):
             ref.step(*data.replica_batch(i, cfg.global_batch, 0, 1))

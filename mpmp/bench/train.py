@@ -214,9 +214,9 @@ def _torch_usable(on_gpu, grid, say) -> bool:
     if why is None and not on_gpu and grid is None:
         import torch
 
-        from mpmp.backend import kernel_threads
+        from mpmp._setup import blas_thread_count
 
-        say(f"against PyTorch {torch.__version__} eager on the CPU, {kernel_threads()} threads each, interleaved")
+        say(f"against PyTorch {torch.__version__} eager on the CPU, {blas_thread_count()} threads each, interleaved")
         return True
     if why is not None:
         why = f"PyTorch is not installed ({why}; pip install 'mpmp[test]')"
