@@ -20,6 +20,7 @@ def use(name: str, local_rank: int = 0):
     global _xp, _name
     if name == "numpy":
         _xp, _name = numpy, "numpy"
+        kernel_threads()  # MPMP_KERNEL_THREADS is checked now, at start-up, not at the first kernel
         return _xp
     if name != "cupy":
         from mpmp.errors import ConfigError

@@ -543,3 +543,9 @@ def test_an_empty_token_file_says_it_holds_no_tokens(tmp_path, suffix):
         path.write_bytes(b"")
     proc = run_train(*THREE, "--data", str(path))
     assert_fails(proc, 2, f"error: {path}: the file holds no tokens")
+
+
+@pytest.mark.parametrize("value", ["0", "two"])
+def test_a_bad_kernel_thread_count_is_refused_at_start_up(value):
+    proc = run_train("--steps", "1", env=clean_env(MPMP_KERNEL_THREADS=value))
+    assert_fails(proc, 2, "MPMP_KERNEL_THREADS", repr(value))
