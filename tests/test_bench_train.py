@@ -1,0 +1,37 @@
+"""python -m mpmp.bench train --against torch: the PyTorch yardstick computes what mpmp computes, and
+without PyTorch the benchmark says so and goes on."""
+
+import pytest
+
+from mpmp.bench import torch_gpt
+from mpmp.bench import train as bench_train
+
+TINY = (256, 32, 2, 2, 16, 2)  # V, D, L, H, S, B (the built-in corpus is bytes)
+
+
+def test_the_torch_step_trains_the_same_model_on_the_same_batches():
+    pytest.importorskip("torch")
+    alone, vs = torch_gpt.against_torch(TINY, steps=3, warmup=1)
+    # the same weights, batches, AdamW and clipping: the losses of four steps agree to float32 round-off
+    assert vs["loss_diff"] < 1e-4
+    assert vs["ratio"] > 0 and vs["step_s"] > 0 and alone["step_s"] > 0
+
+
+def test_without_torch_it_says_so_and_reports_the_gemm_fraction(monkeypatch, capsys):
+    monkeypatch.setattr(torch_gpt, "available", lambda: "No module named 'torch'")
+    assert (
+        bench_train.main(["--against", "torch", "--config", ",".join(map(str, TINY)), "--steps", "1", "--warmup", "0"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "PyTorch is not installed" in out and "reporting the GEMM fraction only" in out
+    assert "of the GEMM" in out and "torch step / mpmp step" not in out
+
+
+def test_the_torch_ratio_line_and_both_peaks_are_printed(capsys):
+    pytest.importorskip("torch")
+    config = ",".join(map(str, TINY))
+    assert bench_train.main(["--against", "torch", "--config", config, "--steps", "2", "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "torch step / mpmp step = " in out and "losses differ by at most" in out
+    assert "peak resident memory of a process running the step: mpmp " in out and "PyTorch " in out
