@@ -129,6 +129,17 @@ def _timed(fn, iters, comm, MPI) -> float:
     return float(slowest[0])
 
 
+def _interleaved(fns, repeats, iters, per_call, comm, MPI) -> tuple:
+    """The median over repeats of each of two fns' seconds per operation (per_call operations per
+    call, iters calls per timing). Interleaved, each side first in turn (A B B A ...): drift, and
+    whatever the first of a pair pays (caches, the progress engine), hit both alike."""
+    times = ([], [])
+    for i in range(repeats):
+        for k in (0, 1) if i % 2 == 0 else (1, 0):
+            times[k].append(_timed(fns[k], iters, comm, MPI) / per_call)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def run(args, comm) -> dict:
     """Measure every (op, size); returns the table as a dict (the same on every rank)."""
     from mpmp.comm import ledger
@@ -152,13 +163,7 @@ def run(args, comm) -> dict:
                     raw_fn()
                 iters = args.iters or max(1, min(1000, int(args.target_seconds / _timed(raw_fn, 1, comm, mpi))))
                 led.reset()
-                times = {"mpmp": [], "raw": []}
-                for i in range(args.repeats):  # interleaved, and each side goes first in turn: drift
-                    # and whatever the first of a pair pays (caches, the progress engine) hit both alike
-                    for side in ("mpmp", "raw") if i % 2 == 0 else ("raw", "mpmp"):
-                        fn = mpmp_fn if side == "mpmp" else raw_fn
-                        times[side].append(_timed(fn, iters, comm, mpi) / per_call)
-                t_mpmp, t_raw = statistics.median(times["mpmp"]), statistics.median(times["raw"])
+                t_mpmp, t_raw = _interleaved((mpmp_fn, raw_fn), args.repeats, iters, per_call, comm, mpi)
                 rows.append(
                     {
                         "op": op,
