@@ -260,9 +260,25 @@ def clean_env(**extra) -> dict:
     return env
 
 
-def run_train(*args, n=1, timeout=120, env=None) -> subprocess.CompletedProcess:
-    """`python -m mpmp.train ARGS` on one process, or under `mpirun -n N`."""
-    cmd = ([MPIRUN, "-n", str(n)] if n > 1 else []) + [sys.executable, "-m", "mpmp.train", *args]
+def run_module(module, *args, n=1, timeout=120, env=None) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` on one process, or under `mpirun -n N`."""
+    cmd = ([MPIRUN, "-n", str(n)] if n > 1 else []) + [sys.executable, "-m", module, *map(str, args)]
     return subprocess.run(
         cmd, cwd=ROOT, env=env or clean_env(), capture_output=True, text=True, timeout=timeout, check=False
     )
+
+
+def run_train(*args, n=1, timeout=120, env=None) -> subprocess.CompletedProcess:
+    """`python -m mpmp.train ARGS` on one process, or under `mpirun -n N`."""
+    return run_module("mpmp.train", *args, n=n, timeout=timeout, env=env)
+
+
+def assert_one_clear_error(proc, *needles) -> str:
+    """Exit code 2, exactly one error line naming the problem, no traceback; returns the line."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]

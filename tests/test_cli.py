@@ -6,14 +6,10 @@ exit code 2 and one clear error line on stderr, never a traceback.
 
 import json
 import math
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy
 import pytest
+from helpers import MPIRUN, assert_one_clear_error, run_module, run_train
 
 from mpmp import checkpoint
 from mpmp.comm.grid import LocalGrid
@@ -22,38 +18,11 @@ from mpmp.data import TokenData, builtin_corpus
 from mpmp.model.gpt import param_infos, random_source
 from mpmp.runtime import Trainer
 
-ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--steps", "2", "--d-model", "32", "--layers", "1", "--heads", "2", "--seq-len", "16", "--global-batch", "4"]
-LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS", "HYDRA_CONTROL_FD")
-
-
-def clean_env():
-    """The environment of a plain `python -m mpmp.train`, even when pytest itself runs under mpirun."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and not k.startswith(("PMI_", "PMIX_"))}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 def train(*args, timeout=60):
-    return subprocess.run(
-        [sys.executable, "-m", "mpmp.train", *args],
-        cwd=ROOT,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def assert_one_clear_error(proc, *needles):
-    """Exit code 2, exactly one error line naming the problem, no traceback."""
-    assert proc.returncode == 2, (proc.returncode, proc.stderr)
-    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1, proc.stderr
-    for needle in needles:
-        assert needle in errors[0], (needle, errors[0])
-    return errors[0]
+    return run_train(*args, timeout=timeout)
 
 
 def interchange_file(path, cfg: ModelConfig, seed=0):
@@ -139,16 +108,9 @@ def test_corrupt_init_from_file(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun is not on PATH")
+@pytest.mark.skipif(MPIRUN is None, reason="mpirun is not on PATH")
 def test_mpirun_world_too_small_for_tp_fails_with_the_reason():
-    proc = subprocess.run(
-        ["mpirun", "-n", "2", sys.executable, "-m", "mpmp.train", *TINY, "--tp", "4", "--heads", "4"],
-        cwd=ROOT,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_train(*TINY, "--tp", "4", "--heads", "4", n=2, timeout=60)
     assert proc.returncode != 0, proc.stdout
     assert "world size (2)" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
@@ -217,14 +179,7 @@ def test_init_from_then_save_exports_the_trained_model(tmp_path):
     proc = train(*TINY, "--init-from", init, "--save", str(tmp_path / "run"), "--quiet")
     assert proc.returncode == 0, proc.stderr
     out = str(tmp_path / "out.npz")
-    exported = subprocess.run(
-        [sys.executable, "-m", "mpmp.checkpoint", "export", str(tmp_path / "run"), out],
-        cwd=ROOT,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    exported = run_module("mpmp.checkpoint", "export", tmp_path / "run", out, timeout=60)
     assert exported.returncode == 0, exported.stderr
 
     got_cfg, got = checkpoint.load_interchange(out, heads=2)

@@ -9,14 +9,11 @@ Every file is made here (tiny safetensors, tokenizer.json): no downloads. MPI te
 
 import json
 import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy
 import pytest
-from helpers import gpt2_reference_logits, random_weights
+from helpers import MPIRUN, assert_one_clear_error, gpt2_reference_logits, random_weights, run_module
 
 from mpmp import weights as W
 from mpmp.comm import ledger
@@ -31,7 +28,6 @@ from mpmp.model.gpt import GPT, MicroBatch
 from mpmp.nn import functional as F
 from mpmp.nn.layers import Block
 
-ROOT = Path(__file__).resolve().parent.parent
 CFG = ModelConfig(vocab=37, seq_len=32, d_model=32, layers=3, heads=4)  # V not divisible by tp 2
 PROMPTS = [[1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 11], [3, 3], [20, 21, 22]]
 NEW = 10
@@ -314,31 +310,6 @@ def test_heads_from_config_json_and_a_disagreeing_flag(tmp_path):
 TEXT = "the quick brown fox jumps over the lazy dog; the dog sleeps, the fox runs. " * 4
 
 
-def clean_env():
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "OMPI_", "MPI_", "HYDRA_"))}
-    return env | {"PYTHONUNBUFFERED": "1"}
-
-
-def run(module, *args, timeout=120):
-    return subprocess.run(
-        [sys.executable, "-m", module, *map(str, args)],
-        cwd=ROOT,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def assert_one_clear_error(proc, *needles):
-    assert proc.returncode == 2, (proc.returncode, proc.stderr)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1, proc.stderr
-    for needle in needles:
-        assert needle in errors[0], (needle, errors[0])
-
-
 @pytest.fixture(scope="module")
 def hf_files(tmp_path_factory):
     """A byte-level BPE tokenizer.json trained here, and a GPT-2 of its vocabulary as model.safetensors."""
@@ -358,7 +329,7 @@ def hf_files(tmp_path_factory):
 
 def test_generate_writes_text_and_json_lines_in_prompt_order(hf_files, tmp_path):
     out = tmp_path / "out.jsonl"
-    proc = run(
+    proc = run_module(
         "mpmp.generate",
         *("--init-from", hf_files["model"], "--tokenizer", hf_files["tokenizer"], "--max-new-tokens", 6),
         *("--prompt", "the fox", "--prompt-tokens", "5,6,7", "--prompt", "the lazy dog", "--output", out),
@@ -382,7 +353,9 @@ def test_generate_streams_a_single_prompt_from_an_interchange_file(tmp_path):
 
     cfg = ModelConfig(vocab=256, seq_len=32, d_model=32, layers=2, heads=4)
     checkpoint.save_interchange(str(tmp_path / "m.npz"), varied_weights(cfg))
-    proc = run("mpmp.generate", "--init-from", tmp_path / "m.npz", "--prompt", "Hi", "--max-new-tokens", 5, "--quiet")
+    proc = run_module(
+        "mpmp.generate", "--init-from", tmp_path / "m.npz", "--prompt", "Hi", "--max-new-tokens", 5, "--quiet"
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("Hi") and proc.stderr == ""
 
@@ -400,31 +373,25 @@ def test_generate_streams_a_single_prompt_from_an_interchange_file(tmp_path):
 )
 def test_generate_refuses_bad_input_with_one_line(hf_files, flags, needle):
     flags = flags if "--tokenizer" in flags else ["--tokenizer", hf_files["tokenizer"], *flags]
-    assert_one_clear_error(run("mpmp.generate", "--init-from", hf_files["model"], *flags), needle)
+    assert_one_clear_error(run_module("mpmp.generate", "--init-from", hf_files["model"], *flags), needle)
 
 
 def test_generate_from_a_checkpoint_folder_equals_generating_from_its_export(hf_files, tmp_path):
     ckpt = tmp_path / "ckpt"
-    proc = run("mpmp.train", *TRAIN, "--init-from", hf_files["model"], "--save", ckpt)
+    proc = run_module("mpmp.train", *TRAIN, "--init-from", hf_files["model"], "--save", ckpt)
     assert proc.returncode == 0, proc.stderr
-    assert run("mpmp.checkpoint", "export", ckpt, tmp_path / "m.npz").returncode == 0
+    assert run_module("mpmp.checkpoint", "export", ckpt, tmp_path / "m.npz").returncode == 0
     outs = []
     for source in (ckpt, tmp_path / "m.npz"):
         out = tmp_path / f"{source.name}.jsonl"
         flags = ["--tokenizer", hf_files["tokenizer"], "--prompt", "the dog", "--max-new-tokens", 8, "--output", out]
-        proc = run("mpmp.generate", "--init-from", source, *flags, "--quiet")  # heads: the manifest's, 4
+        proc = run_module("mpmp.generate", "--init-from", source, *flags, "--quiet")  # heads: the manifest's, 4
         assert proc.returncode == 0, proc.stderr
         outs.append(out.read_text())
     assert outs[0] == outs[1]
 
 
-def _mpirun():
-    import shutil
-
-    return shutil.which("mpirun") or shutil.which("mpiexec")
-
-
-@pytest.mark.skipif(_mpirun() is None, reason="no mpirun")
+@pytest.mark.skipif(MPIRUN is None, reason="no mpirun")
 @pytest.mark.parametrize("layout", [("2", "2"), ("1", "2")], ids=["tp2-pp2", "pp2-dp2"])
 def test_generate_under_mpirun_writes_what_one_process_writes(hf_files, tmp_path, layout):
     prompts = ["--prompt", "the fox", "--prompt", "the lazy dog", "--prompt-tokens", "5,6,7"]
@@ -432,15 +399,18 @@ def test_generate_under_mpirun_writes_what_one_process_writes(hf_files, tmp_path
         prompts = prompts[:2]  # one prompt for two data-parallel replicas: the second has none
     common = ["--init-from", hf_files["model"], "--tokenizer", hf_files["tokenizer"], *prompts, "--quiet"]
     common += ["--max-new-tokens", "8", "--temperature", "0.8", "--top-k", "20", "--seed", "3"]
-    one = run("mpmp.generate", *common, "--output", tmp_path / "one.jsonl")
+    one = run_module("mpmp.generate", *common, "--output", tmp_path / "one.jsonl")
     assert one.returncode == 0, one.stderr
-    four = subprocess.run(
-        [_mpirun(), "-n", "4", sys.executable, "-m", "mpmp.generate", *map(str, common)]
-        + ["--tp", layout[0], "--pp", layout[1], "--output", str(tmp_path / "four.jsonl")],
-        cwd=ROOT,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
+    four = run_module(
+        "mpmp.generate",
+        *common,
+        "--tp",
+        layout[0],
+        "--pp",
+        layout[1],
+        "--output",
+        tmp_path / "four.jsonl",
+        n=4,
         timeout=180,
     )
     assert four.returncode == 0, four.stderr
@@ -452,18 +422,20 @@ def test_generate_refuses_heads_that_do_not_divide_the_model(tmp_path):
     from mpmp import checkpoint
 
     checkpoint.save_interchange(str(tmp_path / "m.npz"), varied_weights(ModelConfig(256, 32, 32, 1, 4)))
-    proc = run("mpmp.generate", "--init-from", tmp_path / "m.npz", "--heads", 3, "--prompt", "x")
+    proc = run_module("mpmp.generate", "--init-from", tmp_path / "m.npz", "--heads", 3, "--prompt", "x")
     assert_one_clear_error(proc, "--heads (3) must divide --d-model (32)")
 
 
 def test_generate_refuses_an_untied_head(tmp_path):
     path = write_hf_model(tmp_path, varied_weights(), tied=False)
-    assert_one_clear_error(run("mpmp.generate", "--init-from", path, "--prompt", "x"), "lm_head.weight")
+    assert_one_clear_error(run_module("mpmp.generate", "--init-from", path, "--prompt", "x"), "lm_head.weight")
 
 
 def test_data_prepare_writes_the_tokenizers_ids_as_uint16(hf_files, tmp_path):
     (tmp_path / "in.txt").write_text(TEXT)
-    proc = run("mpmp.data", "prepare", "--tokenizer", hf_files["tokenizer"], tmp_path / "in.txt", tmp_path / "o.bin")
+    proc = run_module(
+        "mpmp.data", "prepare", "--tokenizer", hf_files["tokenizer"], tmp_path / "in.txt", tmp_path / "o.bin"
+    )
     assert proc.returncode == 0, proc.stderr
     ids = numpy.fromfile(tmp_path / "o.bin", dtype="<u2")
     assert ids.tolist() == hf_files["tok"].encode(TEXT).ids
@@ -474,7 +446,9 @@ def test_data_prepare_refuses_a_vocabulary_beyond_uint16(tmp_path):
 
     Tokenizer(models.WordLevel({f"w{i}": i for i in range(70000)}, unk_token="w0")).save(str(tmp_path / "t.json"))
     (tmp_path / "in.txt").write_text("w1 w2")
-    proc = run("mpmp.data", "prepare", "--tokenizer", tmp_path / "t.json", tmp_path / "in.txt", tmp_path / "o.bin")
+    proc = run_module(
+        "mpmp.data", "prepare", "--tokenizer", tmp_path / "t.json", tmp_path / "in.txt", tmp_path / "o.bin"
+    )
     assert_one_clear_error(proc, "70000 tokens does not fit", "65536")
     assert not (tmp_path / "o.bin").exists()
 
@@ -486,12 +460,12 @@ def test_training_from_safetensors_equals_training_from_the_interchange_file(hf_
     from mpmp import checkpoint
 
     (tmp_path / "in.txt").write_text(TEXT)
-    run("mpmp.data", "prepare", "--tokenizer", hf_files["tokenizer"], tmp_path / "in.txt", tmp_path / "d.bin")
+    run_module("mpmp.data", "prepare", "--tokenizer", hf_files["tokenizer"], tmp_path / "in.txt", tmp_path / "d.bin")
     checkpoint.save_interchange(str(tmp_path / "m.npz"), W.load(hf_files["model"])[1])
     losses = []
     for init, name in ((hf_files["model"], "a"), (tmp_path / "m.npz", "b")):
         metrics = tmp_path / f"{name}.jsonl"
-        proc = run("mpmp.train", *TRAIN, "--data", tmp_path / "d.bin", "--init-from", init, "--metrics", metrics)
+        proc = run_module("mpmp.train", *TRAIN, "--data", tmp_path / "d.bin", "--init-from", init, "--metrics", metrics)
         assert proc.returncode == 0, proc.stderr
         losses.append([json.loads(x)["loss"] for x in metrics.read_text().splitlines()])
     assert losses[0] == losses[1]
@@ -499,12 +473,12 @@ def test_training_from_safetensors_equals_training_from_the_interchange_file(hf_
 
 def test_init_from_with_resume_auto_starts_from_the_weights_then_resumes(hf_files, tmp_path):
     (tmp_path / "in.txt").write_text(TEXT)
-    run("mpmp.data", "prepare", "--tokenizer", hf_files["tokenizer"], tmp_path / "in.txt", tmp_path / "d.bin")
+    run_module("mpmp.data", "prepare", "--tokenizer", hf_files["tokenizer"], tmp_path / "in.txt", tmp_path / "d.bin")
     common = [*TRAIN, "--data", tmp_path / "d.bin", "--init-from", hf_files["model"], "--resume", "auto"]
     ckpt, metrics = tmp_path / "ckpt", tmp_path / "m.jsonl"
-    first = run("mpmp.train", *common, "--save", ckpt, "--metrics", metrics)
+    first = run_module("mpmp.train", *common, "--save", ckpt, "--metrics", metrics)
     assert first.returncode == 0, first.stderr
-    plain = run(
+    plain = run_module(
         "mpmp.train",
         *TRAIN,
         "--data",
@@ -517,10 +491,10 @@ def test_init_from_with_resume_auto_starts_from_the_weights_then_resumes(hf_file
     assert plain.returncode == 0, plain.stderr
     loss = [json.loads(x)["loss"] for x in metrics.read_text().splitlines()]
     assert loss == [json.loads(x)["loss"] for x in (tmp_path / "p.jsonl").read_text().splitlines()]
-    second = run("mpmp.train", *common, "--steps", 3, "--save", ckpt, "--metrics", metrics)
+    second = run_module("mpmp.train", *common, "--steps", 3, "--save", ckpt, "--metrics", metrics)
     assert second.returncode == 0, second.stderr
     assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [1, 2, 3]  # resumed at 2
-    refused = run("mpmp.train", *TRAIN, "--init-from", hf_files["model"], "--resume", ckpt)
+    refused = run_module("mpmp.train", *TRAIN, "--init-from", hf_files["model"], "--resume", ckpt)
     assert_one_clear_error(refused, "--init-from and --resume DIR exclude each other")
 
 
