@@ -29,6 +29,7 @@ from mpmp.config import ModelConfig, TrainConfig
 from mpmp.errors import CheckpointError, DivergedError, MpmpError
 from mpmp.model.gpt import param_infos, unit_params
 from mpmp.nn.parallel import shard, unshard
+from mpmp.optim.optimizer import STATE_KINDS
 
 FORMAT, VERSION = "mpmp-checkpoint", 1
 STEP_DIR = re.compile(r"step_(\d{8})")  # DIR/step_00000010: the checkpoint of step 10
@@ -447,7 +448,7 @@ def _optimizer_arrays(exported: dict, flat_layout) -> dict:
     """An optimizer's export_state() as .npz arrays: its ranges of the flat buffer, the state of each
     range (m0, v0[, master0], m1, ...), the AdamW step and the buffer's layout."""
     arrays = {"ranges": numpy.asarray(exported["ranges"], dtype=numpy.int64).reshape(-1, 2)}
-    for kind in ("m", "v", "master"):
+    for kind in STATE_KINDS:
         for i, a in enumerate(exported.get(kind, ())):
             arrays[f"{kind}{i}"] = a
     arrays["adam_step"] = numpy.int64(exported["step"])
@@ -481,7 +482,7 @@ def optimizer_state(step_dir: str, manifest=None) -> dict:
         if lay.get("zero") or (c.dp == 0 and c.cp == 0):
             layouts[c.tp, c.pp], step = _read_optimizer_file(step_dir, manifest, r, flat.setdefault((c.tp, c.pp), {}))
     infos = {p.name: p for p in param_infos(cfg)}
-    kinds = [k for k in ("m", "v", "master") if k in flat[0, 0]]
+    kinds = [k for k in STATE_KINDS if k in flat[0, 0]]
     out = {k: {} for k in kinds}
     where = {key: {nm: (off, shape) for nm, off, shape in layout} for key, layout in layouts.items()}
 
@@ -510,7 +511,7 @@ def _read_optimizer_file(step_dir, manifest, rank: int, vectors: dict):
         layout = json.loads(bytes(z["layout"]).decode())
         ranges = z["ranges"].reshape(-1, 2)
         n = max(max(off + int(numpy.prod(shape)) for _, off, shape in layout), int(ranges[:, 1].max()))
-        for k in (k for k in ("m", "v", "master") if f"{k}0" in z):
+        for k in (k for k in STATE_KINDS if f"{k}0" in z):
             vec = vectors.setdefault(k, numpy.zeros(n, numpy.float32))
             for i, (lo, hi) in enumerate(ranges.tolist()):
                 vec[lo:hi] = z[f"{k}{i}"]
@@ -522,7 +523,7 @@ def _read_optimizer_file(step_dir, manifest, rank: int, vectors: dict):
 def optimizer_vectors(state: dict, flat, tp_rank: int, tp: int, mixed: bool) -> dict:
     """Full optimizer tensors (optimizer_state, any old layout) as whole-buffer vectors in this rank's
     flat layout, ready for Optimizer.import_state: each tensor sharded for this tp rank."""
-    kinds = [k for k in ("m", "v", "master") if k in state and (k != "master" or mixed)]
+    kinds = [k for k in STATE_KINDS if k in state and (k != "master" or mixed)]
     vecs = {k: numpy.zeros(len(flat), numpy.float32) for k in kinds}
     for p in flat.params:
         off, size = flat.span(p)

@@ -261,10 +261,14 @@ def _attention_probs(qs, k):
 
 def _causal_softmax_(s):
     """The scores s [..., T, T] -> their causal softmax, in place."""
-    xp = array_module(s)
-    s += _causal_mask(xp, s.shape[-2], s.dtype)  # -inf above the diagonal
+    s += _causal_mask(array_module(s), s.shape[-2], s.dtype)  # -inf above the diagonal
+    return _softmax_(s)
+
+
+def _softmax_(s):
+    """The (masked) scores s -> softmax over the last axis, in place."""
     s -= s.max(axis=-1, keepdims=True)  # the row max subtracted: exp never overflows
-    xp.exp(s, out=s)
+    array_module(s).exp(s, out=s)
     s /= s.sum(axis=-1, keepdims=True)  # p = exp(s) / sum exp(s)
     return s
 
@@ -406,7 +410,7 @@ def normalize_block_probs(p, m, lse):
 def attention_delta(dout, out):
     """FlashAttention-2's D = rowsum(dout * out) [B, H, c, 1]: the softmax backward's sum(dp * p) of a
     query row over all its blocks, from quantities the query's rank holds."""
-    return (dout * out).sum(axis=-1, keepdims=True)
+    return _row_dot(dout, out)
 
 
 def attention_block_backward(dout, delta, qs, k, v, lse, *, mask, p=None):
@@ -440,10 +444,7 @@ def attention_forward_kv(q, k, v):
     s = qs @ k.swapaxes(-1, -2)  # [B, H, t, T]
     if t > 1:  # one new query (a decode step) sees every key: no mask
         s += _causal_mask(xp, t, q.dtype) if t == big_t else _offset_causal_mask(xp, t, big_t, q.dtype)
-    s -= s.max(axis=-1, keepdims=True)  # the row max subtracted: exp never overflows
-    xp.exp(s, out=s)
-    s /= s.sum(axis=-1, keepdims=True)  # p = exp(s) / sum exp(s)
-    return s @ v
+    return _softmax_(s) @ v
 
 
 def _offset_causal_mask(xp, t, big_t, dtype):

@@ -16,7 +16,7 @@ from mpmp.optim import clip
 from mpmp.optim.adamw import AdamW, runs
 from mpmp.optim.buffer import CHUNK
 
-STATE_KINDS = ("m", "v", "master")
+STATE_KINDS = ("m", "v", "master")  # what export_state gives and checkpoints hold, in this order
 
 
 class Optimizer:
