@@ -333,7 +333,8 @@ def test_desync_report_names_the_odd_rank_out():
 
     states = [{"group": "tp", "kind": "all_reduce", "seq": 7}] * 3 + [{"group": "tp", "kind": "all_gather", "seq": 7}]
     assert (
-        desync_report(states) == "desync: rank 3 is in all_gather #7 on group tp while its peers are in all_reduce #7"
+        desync_report(dict(enumerate(states)))
+        == "desync: rank 3 is in all_gather #7 on group tp while its peers are in all_reduce #7"
     )
 
 

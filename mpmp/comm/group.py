@@ -116,7 +116,8 @@ class Group:
         _check_op(op)
         if self.size == 1:
             return x
-        token = _ledger.get().begin("all_reduce", self.name)
+        led = _ledger.get()
+        token = led.begin("all_reduce", self.name)
         base = "sum" if op == "avg" else op
         fmt = self._format(x, exact)
         native = _native16(x, op)
@@ -132,7 +133,7 @@ class Group:
             self._all_reduce(x, base)
         if op == "avg":
             x /= self.size
-        _ledger.get().end(token, self.size, -1, payload.nbytes, _dtype_name(payload.dtype if not fmt else fmt))
+        led.end(token, self.size, -1, payload.nbytes, _dtype_name(payload.dtype if not fmt else fmt))
         return x
 
     def iall_reduce(self, x, op="sum") -> Handle:
@@ -163,9 +164,10 @@ class Group:
             front = to_wire(front, fmt)
         if out is None or fmt or axis % x.ndim:
             out = xp.empty((sum(counts),) + front.shape[1:], dtype=front.dtype)
-        token = _ledger.get().begin("all_gather", self.name)
+        led = _ledger.get()
+        token = led.begin("all_gather", self.name)
         self._all_gather(front, out, counts)
-        _ledger.get().end(token, self.size, -1, out.nbytes, _dtype_name(fmt or x.dtype))
+        led.end(token, self.size, -1, out.nbytes, _dtype_name(fmt or x.dtype))
         if fmt:
             out = from_wire(out, fmt)
         return _from_front(out, axis)
@@ -181,17 +183,18 @@ class Group:
         counts = block_sizes(front.shape[0], self.size)
         base = "sum" if op == "avg" else op
         fmt = self._format(x, exact)
-        native = _native16(x, op)
+        native = _native16(front, op)
         if native:  # the 16-bit storage itself goes out and comes back
-            front, fmt = _native16(front, op)
+            front, fmt = native
             base, out = f"{base}:{fmt}", None if out is None else out.view(numpy.uint16)
         elif fmt:
             front, base = to_wire(front, fmt), f"{base}:{fmt}"
         if out is None or (fmt and not native) or axis % x.ndim:
             out = xp.empty((counts[self.rank],) + front.shape[1:], dtype=front.dtype)
-        token = _ledger.get().begin("reduce_scatter", self.name)
+        led = _ledger.get()
+        token = led.begin("reduce_scatter", self.name)
         self._reduce_scatter(front, out, counts, base)
-        _ledger.get().end(token, self.size, -1, front.nbytes, _dtype_name(fmt or x.dtype))
+        led.end(token, self.size, -1, front.nbytes, _dtype_name(fmt or x.dtype))
         if native:
             out = out.view(x.dtype)
         elif fmt:
@@ -220,21 +223,32 @@ class Group:
         """In place from group rank root; returns x."""
         if self.size == 1:
             return x
-        token = _ledger.get().begin("broadcast", self.name)
+        led = _ledger.get()
+        token = led.begin("broadcast", self.name)
         self._broadcast(x, root)
-        _ledger.get().end(token, self.size, -1, x.nbytes, _dtype_name(x.dtype))
+        led.end(token, self.size, -1, x.nbytes, _dtype_name(x.dtype))
         return x
 
     def barrier(self):
         if self.size > 1:
-            token = _ledger.get().begin("barrier", self.name)
+            led = _ledger.get()
+            token = led.begin("barrier", self.name)
             self._barrier()
-            _ledger.get().end(token, self.size, -1, 0, "")
+            led.end(token, self.size, -1, 0, "")
 
     # ---- point to point ------------------------------------------------------------------------
-    def isend(self, x, peer, tag=0) -> Handle:
+    def _send_payload(self, x):
+        """(what goes on the wire for x, its 16-bit format or None)."""
         fmt = self._format(x, False)
-        payload = to_wire(x, fmt) if fmt else x  # the handle keeps the payload alive until wait()
+        return (to_wire(x, fmt) if fmt else x), fmt
+
+    def _recv_buffer(self, out):
+        """(the buffer a message for out arrives in, its 16-bit format or None)."""
+        fmt = self._format(out, False)
+        return (array_module(out).empty(out.shape, dtype=numpy.uint16) if fmt else out), fmt
+
+    def isend(self, x, peer, tag=0) -> Handle:
+        payload, fmt = self._send_payload(x)  # the handle keeps the payload alive until wait()
         token = _ledger.get().begin("send", self.name, False)
         requests = self._isend(payload, peer, tag)
         handle = Handle(self, token, requests, None, nbytes=payload.nbytes, dtype=fmt or x.dtype, peer=peer)
@@ -243,19 +257,14 @@ class Group:
 
     def irecv(self, out, peer, tag=0) -> Handle:
         """Receive into the preallocated out; wait() returns it."""
-        fmt = self._format(out, False)
-        if fmt:
-            buf = array_module(out).empty(out.shape, dtype=numpy.uint16)
-            finish = lambda: from_wire(buf, fmt, out=out)  # noqa: E731
-        else:
-            buf, finish = out, lambda: out  # noqa: E731
+        buf, fmt = self._recv_buffer(out)
+        finish = (lambda: from_wire(buf, fmt, out=out)) if fmt else (lambda: out)
         token = _ledger.get().begin("recv", self.name, False)
         requests = self._irecv(buf, peer, tag)
         return Handle(self, token, requests, finish, nbytes=buf.nbytes, dtype=fmt or out.dtype, peer=peer)
 
     def send(self, x, peer, tag=0):
-        fmt = self._format(x, False)
-        payload = to_wire(x, fmt) if fmt else x
+        payload, fmt = self._send_payload(x)
         led = _ledger.get()
         token = led.begin("send", self.name)
         self._send_blocking(payload, peer, tag)
@@ -263,8 +272,7 @@ class Group:
 
     def recv(self, out, peer, tag=0):
         """Receive into the preallocated out; returns it."""
-        fmt = self._format(out, False)
-        buf = array_module(out).empty(out.shape, dtype=numpy.uint16) if fmt else out
+        buf, fmt = self._recv_buffer(out)
         led = _ledger.get()
         token = led.begin("recv", self.name)
         self._recv_blocking(buf, peer, tag)

@@ -136,8 +136,7 @@ def _odd_ranks(states: dict) -> list[str]:
 
 def desync_report(states) -> str:
     """Name the ranks whose stuck operation differs from the majority of their group's members.
-    states: {rank: state}, or a list of every rank's state."""
-    states = dict(enumerate(states)) if isinstance(states, list) else states
+    states: {rank: state}."""
     lines = _odd_ranks(states)
     kinds = {(st["kind"], st["seq"]) for st in states.values()}
     if not lines and len(kinds) > 1:

@@ -38,10 +38,15 @@ def all_reduce_norm(local_sq: float, groups) -> float:
     """sqrt of the squared norms summed over the groups that partition the model."""
     from mpmp.backend import xp
 
-    total = xp().asarray([local_sq], dtype="float64")
+    return math.sqrt(float(all_reduce_sq(xp().asarray([local_sq], dtype="float64"), groups)[0]))
+
+
+def all_reduce_sq(total, groups):
+    """A one-element float64 array of squared norms, summed in place over the groups that partition
+    the model; returns it."""
     for g in groups:
         g.all_reduce(total)
-    return math.sqrt(float(total[0]))
+    return total
 
 
 def clip_coefficient(norm: float, max_norm: float) -> float:

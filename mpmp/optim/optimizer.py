@@ -55,10 +55,9 @@ class Optimizer:
         on the device: grad_norm without waiting for the GPU."""
         from mpmp.nn.cuda.optim import local_sq_norm
 
-        total = local_sq_norm(self.flat.grad, self.norm_runs, self._norm_scratch).reshape(1)
-        for g in self.norm_groups:
-            g.all_reduce(total)
-        return total
+        return clip.all_reduce_sq(
+            local_sq_norm(self.flat.grad, self.norm_runs, self._norm_scratch).reshape(1), self.norm_groups
+        )
 
     def step(self, lr: float, grad_scale=1.0, *, skip=None):
         """AdamW on this rank's (slices of the) parameters with grads * grad_scale (clipping, and
