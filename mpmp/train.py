@@ -328,22 +328,7 @@ def choose_comm(run: Run) -> tuple[str, str]:
     """(--comm's transport, why), the same on every rank (collective when launched on several)."""
     from mpmp.comm import factory
 
-    on_gpu = backend.name() == "cupy"
-    ranks = local_ranks() if run.world_size > 1 else 1
-    if on_gpu:
-        from mpmp.comm.nccl import nccl_available
-
-        devices, nccl_ok = backend.device_count(), nccl_available()
-    else:
-        devices, nccl_ok = 0, False
-    kind, why = factory.choose(
-        run.args.comm, backend=backend.name(), ranks_on_node=ranks, devices=devices, nccl_ok=nccl_ok
-    )
-    if run.world_size == 1:
-        return "none", "one process: nothing crosses a process boundary"
-    from mpmp.comm.mpi import world_group
-
-    return factory.agree(world_group(), kind, why)
+    return factory.choose_here(run.args.comm, run.world_size)
 
 
 def check_flags(run: Run):
@@ -372,8 +357,6 @@ def _check_memory(run: Run, cfg: TrainConfig, inferred_vocab: bool):
     embedding alone (a --vocab typo, or a stray huge token id the vocabulary was inferred from), then
     the planner's estimate of what each rank holds (mpmp.plan.memory: parameters, gradients, optimizer
     state, peak activations) against this node's memory shared by its ranks. NumPy backend only."""
-    from mpmp._setup import local_ranks
-
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, OSError, ValueError):

@@ -35,3 +35,15 @@ def test_the_torch_ratio_line_and_both_peaks_are_printed(capsys):
     out = capsys.readouterr().out
     assert "torch step / mpmp step = " in out and "losses differ by at most" in out
     assert "peak resident memory of a process running the step: mpmp " in out and "PyTorch " in out
+
+
+def test_against_torch_compares_fp32_steps_only(capsys):
+    config = ",".join(map(str, TINY))
+    assert bench_train.main(["--against", "torch", "--dtype", "bf16", "--config", config, "--steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "(not --dtype bf16): reporting the GEMM fraction only" in out and "torch step / mpmp step" not in out
+
+
+def test_the_bench_chooses_comm_as_the_trainer_does(capsys):
+    assert bench_train.main(["--comm", "nccl", "--config", ",".join(map(str, TINY)), "--steps", "1"]) == 2
+    assert "--comm nccl: NCCL moves GPU arrays and the backend is numpy" in capsys.readouterr().err

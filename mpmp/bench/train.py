@@ -26,7 +26,8 @@ import time
 
 import numpy
 
-from mpmp.config import ModelConfig, ParallelConfig, TrainConfig
+from mpmp.comm import factory
+from mpmp.config import DTYPES, ModelConfig, ParallelConfig, TrainConfig
 from mpmp.errors import ConfigError
 
 # (V, D, L, H, S, B) and the goal (fraction of the GEMM) for each, on NumPy
@@ -128,16 +129,20 @@ def rate(shape, dtype, step_s, model, trainer) -> dict:
     }
 
 
-def _dp_grid(transport):
-    """dp = world size, or None when this is one process."""
+def _world_size() -> int:
     from mpmp._setup import mpi_launched
 
     if not mpi_launched():
-        return None
-    from mpmp.comm.grid import ProcessGrid
+        return 1
     from mpmp.comm.mpi import MPI
 
-    world = MPI().COMM_WORLD.Get_size()
+    return MPI().COMM_WORLD.Get_size()
+
+
+def _dp_grid(transport, world):
+    """dp = world size, or None when this is one process."""
+    from mpmp.comm.grid import ProcessGrid
+
     return ProcessGrid(1, 1, world, transport=transport) if world > 1 else None
 
 
@@ -172,18 +177,20 @@ def main(argv=None):
 
     try:
         backend.use(args.backend, local_rank())
-        if args.dtype not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"--dtype must be fp32, bf16 or fp16, not {args.dtype!r}")
+        if args.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be {', '.join(DTYPES)}, not {args.dtype!r}")
+        world = _world_size()
+        transport, _ = factory.choose_here(args.comm, world)  # as the trainer chooses --comm
     except ConfigError as exc:
         print(f"mpmp.bench train: error: {exc}", file=sys.stderr)
         return 2
     on_gpu = backend.name() == "cupy"
     configs = [(tuple(int(x) for x in c.split(",")), None) for c in args.config] if args.config else DEFAULTS
     machine = _machine(on_gpu)
-    grid = _dp_grid(args.comm)
+    grid = _dp_grid(transport, world)
     say = print if grid is None or grid.rank == 0 else (lambda *a, **k: None)
     say(machine["line"])
-    args.torch = args.against == "torch" and _torch_usable(on_gpu, grid, say)
+    args.torch = args.against == "torch" and _torch_usable(on_gpu, grid, args.dtype, say)
     rows = [_measure(shape, goal, args, machine, grid, say) for shape, goal in configs]
     if args.json and (grid is None or grid.rank == 0):
         with open(args.json, "w") as f:
@@ -206,12 +213,12 @@ def _machine(on_gpu) -> dict:
     return {"device": name, "gemm": "bf16 8192^3", "gemm_flops": flops, "peak_flops": peak, "line": line}
 
 
-def _torch_usable(on_gpu, grid, say) -> bool:
+def _torch_usable(on_gpu, grid, dtype, say) -> bool:
     """Whether --against torch can run here; if not, says why (the GEMM fraction is reported as ever)."""
     from mpmp.bench.torch_gpt import available
 
     why = available()
-    if why is None and not on_gpu and grid is None:
+    if why is None and not on_gpu and grid is None and dtype == "fp32":
         import torch
 
         from mpmp._setup import blas_thread_count
@@ -221,7 +228,13 @@ def _torch_usable(on_gpu, grid, say) -> bool:
     if why is not None:
         why = f"PyTorch is not installed ({why}; pip install 'mpmp[test]')"
     else:
-        why = "it compares one process on the CPU" + (" (not --backend cupy)" if on_gpu else " (not under mpirun)")
+        why = "it compares fp32 steps of one process on the CPU" + (
+            " (not --backend cupy)"
+            if on_gpu
+            else " (not under mpirun)"
+            if grid is not None
+            else f" (not --dtype {dtype})"
+        )
     say(f"--against torch: {why}: reporting the GEMM fraction only")
     return False
 

@@ -36,6 +36,26 @@ def choose(requested: str | None, *, backend: str, ranks_on_node: int, devices: 
     return "nccl", f"default: every rank has its own GPU ({ranks_on_node} ranks and {devices} GPUs on this node)"
 
 
+def choose_here(requested: str | None, world_size: int) -> tuple[str, str]:
+    """(transport, why) for this process, the same on every rank: choose() from what this node has,
+    then agree() over the world (collective when world_size > 1)."""
+    from mpmp import backend
+    from mpmp._setup import local_ranks
+
+    devices, nccl_ok = 0, False
+    if backend.name() == "cupy":
+        from mpmp.comm.nccl import nccl_available
+
+        devices, nccl_ok = backend.device_count(), nccl_available()
+    ranks = local_ranks() if world_size > 1 else 1
+    kind, why = choose(requested, backend=backend.name(), ranks_on_node=ranks, devices=devices, nccl_ok=nccl_ok)
+    if world_size == 1:
+        return "none", "one process: nothing crosses a process boundary"
+    from mpmp.comm.mpi import world_group
+
+    return agree(world_group(), kind, why)
+
+
 def _nccl_problem(backend, ranks_on_node, devices, nccl_ok) -> str | None:
     if backend != "cupy":
         return "NCCL moves GPU arrays and the backend is numpy"

@@ -1,7 +1,7 @@
 """Bytes each rank holds: parameters, gradients and optimizer state exactly as mpmp allocates them, and
 its activation caches with the schedule's micro-batches in flight.
 
-Parameters, gradients, optimizer (optim/buffer.py, optim/zero.py, optim/adamw.py): a rank's distinct
+Parameters, gradients, optimizer (optim/buffer.py, optim/optimizer.py, optim/adamw.py): a rank's distinct
 parameters go, in reverse forward order, into one flat buffer of buckets of bucket_mb MiB, each padded
 to a multiple of dp; the tied embedding (pp > 1) and, under sequence parallelism, the replicated
 tensors go last, into the late bucket(s). Data and gradient buffers hold every padded element; AdamW
