@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy
 
 from mpmp.comm.grid import coord_of, layout_ranks
-from mpmp.config import ModelConfig, TrainConfig
+from mpmp.config import LOW_PRECISION, ModelConfig, TrainConfig
 from mpmp.errors import CheckpointError, DivergedError, MpmpError
 from mpmp.model.gpt import param_infos, unit_params
 from mpmp.nn.parallel import shard, unshard
@@ -157,6 +157,17 @@ def _width(arrays: dict) -> int:
     if "ln_f.weight" in arrays and arrays["ln_f.weight"].ndim == 1:
         votes.append(arrays["ln_f.weight"].shape[0])
     return int(max(votes, key=votes.count))  # a tie: wte's
+
+
+def parameters(step_dir: str, manifest: dict, optimizer: dict | None = None) -> dict:
+    """A checkpoint's model parameters, full fp32 tensors: the master weights of a mixed-precision run
+    (from `optimizer`, its optimizer_state when already read), else the weights. CheckpointError when
+    any holds inf or NaN."""
+    if optimizer is None and manifest["config"].get("dtype") in LOW_PRECISION:
+        optimizer = optimizer_state(step_dir, manifest)
+    params = (optimizer or {}).get("master") or full_tensors(step_dir, manifest)
+    check_finite(params, step_dir)
+    return params
 
 
 def check_finite(arrays: dict, path: str):

@@ -650,9 +650,7 @@ def _load_resume(run: Run):
                 f"{flag} {mine} differs from the checkpoint's {theirs} in {step_dir}; resume with {flag} {theirs}"
             )
     optimizer = checkpoint.optimizer_state(step_dir, manifest)
-    # Mixed-precision checkpoints hold fp32 master weights: those are the parameters.
-    params = optimizer.get("master") or checkpoint.full_tensors(step_dir, manifest)
-    checkpoint.check_finite(params, step_dir)
+    params = checkpoint.parameters(step_dir, manifest, optimizer)
     return {"dir": step_dir, "manifest": manifest, "model": model, "params": params, "optimizer": optimizer}
 
 

@@ -19,7 +19,7 @@ import re
 
 import numpy
 
-from mpmp.config import LOW_PRECISION, ModelConfig
+from mpmp.config import ModelConfig
 from mpmp.errors import CheckpointError, ConfigError
 
 DEFAULT_HEADS = ModelConfig().heads
@@ -104,6 +104,4 @@ def _load_checkpoint(path: str, heads: int | None):
     manifest = checkpoint.read_manifest(step_dir)
     cfg = checkpoint.model_config_of(manifest)
     _agree(heads, cfg.heads, f"the checkpoint {step_dir}")
-    if manifest["config"].get("dtype") in LOW_PRECISION:
-        return cfg, checkpoint.optimizer_state(step_dir, manifest)["master"]
-    return cfg, checkpoint.full_tensors(step_dir, manifest)
+    return cfg, checkpoint.parameters(step_dir, manifest)

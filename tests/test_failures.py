@@ -196,6 +196,16 @@ def test_init_from_holding_nan_or_inf_is_refused_naming_the_tensor(tmp_path, bad
     assert_fails(proc, 2, path, "h.0.mlp.c_fc.weight holds 1 non-finite value(s)")
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_checkpoints_parameters_holding_nan_are_refused_for_resume_and_init_from(monkeypatch, dtype):
+    """checkpoint.parameters serves --resume and --init-from DIR (train and generate) alike."""
+    bad = {"wte.weight": numpy.array([[0.0, numpy.nan]], numpy.float32)}
+    monkeypatch.setattr(checkpoint, "full_tensors", lambda step_dir, manifest: bad)
+    monkeypatch.setattr(checkpoint, "optimizer_state", lambda step_dir, manifest: {"master": bad})
+    with pytest.raises(CheckpointError, match="wte.weight holds 1 non-finite value"):
+        checkpoint.parameters("step_dir", {"config": {"dtype": dtype}})
+
+
 def test_metrics_lines_write_non_finite_numbers_as_null():
     from mpmp.train import METRICS, metrics_line
 
