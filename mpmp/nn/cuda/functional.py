@@ -23,13 +23,16 @@ import math
 import numpy
 
 from mpmp.nn.cuda import _loader as L
-from mpmp.nn.cuda import elementwise as EW
+
+# the in-place additions of activations: elementwise.py's kernels, under the NumPy module's names
+from mpmp.nn.cuda.elementwise import add_, bias_add_  # noqa: F401  (re-exported: part of the mirror)
 from mpmp.nn.cuda.gemm import batched_matmul, matmul
 
 # Pure data movement: the array-module-agnostic NumPy code already runs on CuPy arrays of any
 # storage (bf16 patterns move like any uint16), so the same functions serve both. Ring attention's
 # blockwise kernels (context parallelism: block_mask ... normalize_block_probs) are the same NumPy
-# code on CuPy arrays too, fp32 storage only, until fused (FlashAttention-style) twins land.
+# code on CuPy arrays too, fp32 storage only, until fused (FlashAttention-style) twins land; so is
+# generation's attention over a KV cache (attention_forward_kv: float32/float16, no bf16 cache).
 from mpmp.nn.functional import (  # noqa: F401  (re-exported: part of the mirror)
     DIAGONAL,
     FULL,
@@ -37,6 +40,7 @@ from mpmp.nn.functional import (  # noqa: F401  (re-exported: part of the mirror
     attention_block_forward,
     attention_blocks_finish,
     attention_delta,
+    attention_forward_kv,
     block_mask,
     embedding_forward,
     merge_heads,
@@ -279,15 +283,6 @@ def attention_backward(dout, cache):
     return dq, dk, dv
 
 
-def attention_forward_kv(q, k, v):
-    """Generation's attention of the newest positions over a KV cache: the NumPy kernel, which is
-    array-module agnostic, on CuPy float32/float16 arrays (generation keeps no bf16 cache, so no CUDA
-    source is needed yet)."""
-    from mpmp.nn.functional import attention_forward_kv as numpy_twin
-
-    return numpy_twin(q, k, v)
-
-
 # ---------------------------------------------------------------------------------------------
 # Softmax cross-entropy, optionally over a vocabulary split across ranks
 # ---------------------------------------------------------------------------------------------
@@ -339,18 +334,3 @@ def cross_entropy_backward(cache):
         (n,), (L.THREADS,), (exp_logits, sum_exp, safe_t, own, L.f32(scale), L.i32(v_local))
     )
     return exp_logits
-
-
-# ---------------------------------------------------------------------------------------------
-# In-place additions on activations (elementwise.py's kernels, under the NumPy module's names)
-# ---------------------------------------------------------------------------------------------
-
-
-def add_(a, b):
-    """a += b in place (same shape); returns a."""
-    return EW.add_(a, b)
-
-
-def bias_add_(y, b):
-    """y [..., C] += b [C] in place; returns y."""
-    return EW.bias_add_(y, b)
