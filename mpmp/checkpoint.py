@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy
 
+from mpmp.cli import fail
 from mpmp.comm.grid import coord_of, layout_ranks
 from mpmp.config import LOW_PRECISION, ModelConfig, TrainConfig
 from mpmp.errors import CheckpointError, DivergedError, MpmpError
@@ -567,8 +568,7 @@ def main(argv=None):
     try:
         step_dir = export(args.checkpoint, args.out)
     except MpmpError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return exc.exit_code
+        return fail(exc)
     except OSError as exc:
         sys.stderr.write(f"error: cannot write {args.out}: {exc.strerror or exc}\n")
         return 2

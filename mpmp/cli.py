@@ -1,8 +1,10 @@
 """What mpmp's commands share on their command lines: argparse number types that refuse, in one
-line, anything that is not a finite number in range (nan, inf, negative counts)."""
+line, anything that is not a finite number in range (nan, inf, negative counts), and the error line of
+a command that runs as one process."""
 
 import argparse
 import math
+import sys
 
 
 def number(kind, allow_zero: bool = False):
@@ -20,3 +22,9 @@ def number(kind, allow_zero: bool = False):
         return value
 
     return parse
+
+
+def fail(exc) -> int:
+    """Print a one-process command's error line, `error: …`, for an MpmpError; returns its exit code."""
+    print(f"error: {exc}", file=sys.stderr)
+    return exc.exit_code

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy
 
+from mpmp.cli import fail
 from mpmp.errors import DataError
 
 ORDERS = ("sequential", "shuffled")
@@ -163,7 +164,6 @@ def prepare(src: str, dst: str, tokenizer_path: str | None = None) -> int:
 
 def main(argv=None) -> int:
     import argparse
-    import sys
 
     from mpmp.errors import MpmpError
 
@@ -177,8 +177,7 @@ def main(argv=None) -> int:
     try:
         n = prepare(args.src, args.dst, args.tokenizer)
     except MpmpError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return fail(exc)
     print(f"{args.src} -> {args.dst}: {n} tokens")
     return 0
 

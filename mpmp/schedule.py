@@ -9,6 +9,7 @@ import argparse
 import shutil
 import sys
 
+from mpmp.cli import fail
 from mpmp.errors import ConfigError, MpmpError
 from mpmp.pipeline import schedules as S
 from mpmp.pipeline.timeline import parse_costs, render, save_png, slot_timeline
@@ -89,8 +90,7 @@ def main(argv=None) -> int:
             save_png(plt, args.png, rows, n_slots, title)
             print(f"png: {args.png}")
     except MpmpError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return fail(exc)
     return 0
 
 

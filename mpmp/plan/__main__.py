@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from mpmp.cli import number
+from mpmp.cli import fail, number
 from mpmp.config import ModelConfig, ParallelConfig, TrainConfig
 from mpmp.errors import ConfigError, MpmpError
 
@@ -129,8 +129,7 @@ def main(argv=None) -> int:
             return calibrate.main(argv[1:])
         return plan_main(argv)
     except MpmpError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return fail(exc)
 
 
 if __name__ == "__main__":

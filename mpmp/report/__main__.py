@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 
+from mpmp.cli import fail
 from mpmp.errors import MpmpError
 
 INSTALL_HINT = "error: the pictures need matplotlib: pip install 'mpmp[plot]'"
@@ -78,8 +79,7 @@ def main(argv=None) -> int:
         for path, caption in draw_all(args):
             print(f"{path}: {caption}")
     except MpmpError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return fail(exc)
     return 0
 
 
