@@ -32,14 +32,14 @@ from collections import defaultdict
 from mpmp.comm.grid import Coord, world_rank
 from mpmp.comm.ledger import wire_bytes
 from mpmp.config import TrainConfig
-from mpmp.plan.memory import LOW, flat_layout
+from mpmp.plan.memory import flat_layout
 from mpmp.plan.stages import chunk_ranges, unit_counts
 
 GROUPS = ("tp", "pp", "dp", "embed", "mp", "world")
 
 
 def wire_itemsize(cfg: TrainConfig) -> int:
-    return 2 if cfg.dtype in LOW else 4
+    return 2 if cfg.precision else 4
 
 
 def tp_ops(cfg: TrainConfig, unit: int, micro_batch: int) -> dict:
@@ -70,7 +70,7 @@ def bytes_per_step(cfg: TrainConfig, stage: int) -> dict:
     """{(group, kind): [count, bytes]} one rank of `stage` records in its ledger over one step."""
     par = cfg.parallel
     m = par.micro_batches
-    micro_batch = cfg.global_batch // (par.dp * m)
+    micro_batch = cfg.micro_batch
     totals = defaultdict(lambda: [0, 0])
 
     def add(group, kind, count, nbytes):
@@ -132,6 +132,12 @@ def group_members(cfg: TrainConfig, group: str, stage: int) -> list[int]:
     return [world_rank(c, tp, dp) for c in coords]
 
 
+def group_link(cfg: TrainConfig, hw, group: str, stage: int) -> tuple[int, float, float]:
+    """(ranks, latency, bandwidth) of `group` at `stage`: the n, latency, bandwidth op_seconds takes."""
+    members = group_members(cfg, group, stage)
+    return (len(members), *link(hw, members))
+
+
 def link(hw, members) -> tuple[float, float]:
     """(latency, bandwidth) of a ring over these world ranks."""
     per_node = defaultdict(int)
@@ -158,7 +164,5 @@ def seconds_per_group(cfg: TrainConfig, hw, stage: int, totals: dict) -> dict:
     for (group, kind), (count, nbytes) in totals.items():
         if kind == "recv":
             continue  # a transfer's time is counted once, at its send
-        members = group_members(cfg, group, stage)
-        lat, bw = link(hw, members)
-        out[group] += count * op_seconds(kind, nbytes / count, len(members), lat, bw)
+        out[group] += count * op_seconds(kind, nbytes / count, *group_link(cfg, hw, group, stage))
     return dict(out)

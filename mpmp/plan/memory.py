@@ -40,13 +40,12 @@ from functools import lru_cache
 import numpy
 
 from mpmp.comm.grid import coord_of
-from mpmp.config import ParallelConfig, TrainConfig
+from mpmp.config import LOW_PRECISION, ParallelConfig, TrainConfig
 from mpmp.nn.parallel import padded_vocab
 from mpmp.plan.schedule import BW, F, W, orders
 from mpmp.plan.stages import BLOCK_TENSORS, chunk_ranges, stage_params
 
 FLAT_ITEMSIZE = 4  # the flat buffers are float32 (bucket sizes are measured in their bytes)
-LOW = ("bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -144,7 +143,7 @@ def _sp_span(late_sizes, n_sp: int, bucket_bytes: float, dp: int) -> int:
 
 def _state_bytes(cfg: TrainConfig, numel: int, native: bool) -> tuple[int, int, int]:
     par = cfg.parallel
-    mixed = cfg.dtype in LOW
+    mixed = cfg.dtype in LOW_PRECISION
     shard = numel // par.dp if par.zero == 1 and par.dp > 1 else numel
     param_size = 2 if native and mixed else 4
     return numel * param_size, numel * 4, shard * (12 if mixed else 8)
@@ -154,7 +153,7 @@ def unit_cache_bytes(cfg: TrainConfig, unit: int, micro_batch: int, native: bool
     """Bytes of one micro-batch's cache of a unit (see the module docstring)."""
     model, par = cfg.model, cfg.parallel
     recompute = par.recompute if recompute is None else recompute
-    e = 2 if native and cfg.dtype in LOW else 4
+    e = 2 if native and cfg.dtype in LOW_PRECISION else 4
     tp, d = par.tp, model.d_model
     tokens = micro_batch * cfg.seq_len
     local = tokens // tp if par.sequence_parallel else tokens
@@ -221,7 +220,7 @@ def average_state_bytes(cfg: TrainConfig, native: bool = False) -> int:
 
 def stage_memory(cfg: TrainConfig, stage: int, native: bool = False) -> Memory:
     """Bytes one rank of `stage` holds (every tp rank and replica of a stage holds the same)."""
-    micro_batch = cfg.global_batch // (cfg.parallel.dp * cfg.parallel.micro_batches)
+    micro_batch = cfg.micro_batch
     params, grads, optimizer = _state_bytes(cfg, flat_layout(cfg, stage).numel, native)
     acts = peak_activations(cfg, stage, micro_batch, native)
     return Memory(params, grads, optimizer, acts, workspace(cfg, stage, micro_batch, native))

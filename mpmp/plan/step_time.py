@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from mpmp.comm.grid import Coord, world_rank
-from mpmp.config import ParallelConfig, TrainConfig
+from mpmp.config import LOW_PRECISION, ParallelConfig, TrainConfig
 from mpmp.nn.parallel import padded_vocab
 from mpmp.plan import comm, kernels
-from mpmp.plan.memory import LOW, flat_layout
+from mpmp.plan.memory import flat_layout
 from mpmp.plan.schedule import BW, B, F, W, orders, splits_backward
 from mpmp.plan.stages import chunk_ranges, unit_counts
 
@@ -64,7 +64,7 @@ class Rates:
 
 
 def rates(cfg: TrainConfig, hw) -> Rates:
-    native_low = hw.storage == "native" and cfg.dtype in LOW
+    native_low = hw.storage == "native" and cfg.dtype in LOW_PRECISION
     gemm = hw.gemm_flops if native_low else hw.gemm_flops_fp32
     e = 2 if native_low else 4
     if hw.cores_per_node <= 0:
@@ -115,7 +115,7 @@ def shape(cfg: TrainConfig, hw, micro_batch: int, sw: Software = MPMP) -> kernel
         vocab_local=padded_vocab(model.vocab, par.tp) // par.tp,
         recompute=par.recompute,
         numpy=hw.kernels == "numpy",
-        rounding=cfg.dtype in LOW,
+        rounding=cfg.dtype in LOW_PRECISION,
         e=rates(cfg, hw).e,
         dropout=sw.dropout,
     )
@@ -126,12 +126,11 @@ def unit_seconds(cfg: TrainConfig, hw, micro_batch: int, sw: Software = MPMP) ->
     collectives included (on the tp group of stage 0: every stage's spans the same nodes)."""
     r = rates(cfg, hw)
     x = shape(cfg, hw, micro_batch, sw)
-    members = comm.group_members(cfg, "tp", 0)
-    lat, bw = comm.link(hw, members)
+    link = comm.group_link(cfg, hw, "tp", 0)
     out = {}
     for unit, passes in ((0, kernels.embedding(x)), (1, kernels.block(x)), (cfg.model.units - 1, kernels.head(x))):
         tp = comm.tp_ops(cfg, unit, micro_batch)
-        coll = {p: sum(c * comm.op_seconds(k, b, len(members), lat, bw) for k, b, c in tp[p]) for p in ("F", "B")}
+        coll = {p: sum(c * comm.op_seconds(k, b, *link) for k, b, c in tp[p]) for p in ("F", "B")}
         out[unit] = (
             seconds(passes.F, hw, r) + coll["F"],
             seconds(passes.B, hw, r) + coll["B"],
@@ -158,8 +157,7 @@ def p2p_seconds(cfg: TrainConfig, hw, micro_batch: int, sw: Software = MPMP) -> 
     split = sw.scatter_gather and par.tp > 1 and not par.sequence_parallel
     gather = 0.0
     if split:
-        members = comm.group_members(cfg, "tp", 0)
-        gather = comm.op_seconds("all_gather", nbytes, par.tp, *comm.link(hw, members))
+        gather = comm.op_seconds("all_gather", nbytes, *comm.group_link(cfg, hw, "tp", 0))
     out = []
     for vs in range(par.pp * par.virtual_stages):
         a, b = vs % par.pp, (vs + 1) % par.pp
@@ -306,8 +304,7 @@ def reductions_end(cfg: TrainConfig, hw, stage: int, run: PipelineRun, unit_s: d
 
     def group_seconds(group, kind, nbytes):
         if group not in links:
-            members = comm.group_members(cfg, group, stage)
-            links[group] = (len(members), *comm.link(hw, members))
+            links[group] = comm.group_link(cfg, hw, group, stage)
         return comm.op_seconds(kind, nbytes, *links[group])
 
     blocking = group_seconds("tp", "all_reduce", 4 * layout.sp_span) if layout.sp_span else 0.0
@@ -334,17 +331,15 @@ def optimizer_seconds(cfg: TrainConfig, hw, stage: int) -> float:
     layout = flat_layout(cfg, stage)
     zero = par.zero == 1 and par.dp > 1
     numel = layout.numel // par.dp if zero else layout.numel
-    t = seconds(kernels.optimizer(numel, cfg.dtype in LOW, hw.kernels == "numpy"), hw, rates(cfg, hw))
+    t = seconds(kernels.optimizer(numel, cfg.dtype in LOW_PRECISION, hw.kernels == "numpy"), hw, rates(cfg, hw))
     if zero:
-        members = comm.group_members(cfg, "dp", stage)
-        lat, bw = comm.link(hw, members)
-        t += sum(comm.op_seconds("all_gather", 4 * n, par.dp, lat, bw) for n in layout.bucket_numel.tolist())
+        link = comm.group_link(cfg, hw, "dp", stage)
+        t += sum(comm.op_seconds("all_gather", 4 * n, *link) for n in layout.bucket_numel.tolist())
     return t
 
 
 def _small_all_reduce(cfg: TrainConfig, hw, group: str, nbytes: int) -> float:
-    members = comm.group_members(cfg, group, 0)
-    return comm.op_seconds("all_reduce", nbytes, len(members), *comm.link(hw, members))
+    return comm.op_seconds("all_reduce", nbytes, *comm.group_link(cfg, hw, group, 0))
 
 
 @dataclass(frozen=True)
@@ -368,7 +363,7 @@ def pipeline_costs(cfg: TrainConfig, hw, sw: Software = MPMP) -> tuple:
     """(unit seconds, per-stage chunk costs, transfer seconds): independent of the schedule and of the
     micro-batch count for a given micro-batch size, so a search computes them once per size."""
     par = cfg.parallel
-    micro_batch = cfg.global_batch // (par.dp * par.micro_batches)
+    micro_batch = cfg.micro_batch
     key = (
         cfg.model,
         par.tp,

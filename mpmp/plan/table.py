@@ -21,7 +21,7 @@ def plan_json(plan, hw, sw, rejected: str = "") -> dict:
         "schedule": par.schedule,
         "virtual_stages": par.virtual_stages,
         "micro_batches": par.micro_batches,
-        "micro_batch_size": cfg.global_batch // (par.dp * par.micro_batches),
+        "micro_batch_size": cfg.micro_batch,
         "layout": {"tp": par.tp, "pp": par.pp, "dp": par.dp, "cp": 1},
         "step_s": plan.step.step_s,
         "tflops_per_gpu": plan.tflops_per_gpu,
@@ -91,7 +91,7 @@ COLUMNS = (
 
 def row(plan, hw) -> str:
     par = plan.cfg.parallel
-    b = plan.cfg.global_batch // (par.dp * par.micro_batches)
+    b = plan.cfg.micro_batch
     sched = par.schedule + (f" v={par.virtual_stages}" if par.virtual_stages > 1 else "")
     need = max(m.total for m in plan.memory) / GIB
     comm_s = " ".join(f"{g} {plan.comm_seconds[g]:.3g}" for g in comm.GROUPS if plan.comm_seconds.get(g))
