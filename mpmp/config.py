@@ -174,7 +174,6 @@ def validate(cfg: TrainConfig, world_size: int | None = None, *, mpi_tags: bool 
     """Every check of a whole configuration that needs no communication; raises ConfigError.
     mpi_tags=False leaves out MPI's tag range (the planner judging software that has no tags)."""
     from mpmp.comm.grid import check_layout
-    from mpmp.optim.lr import SCHEDULES as LR_SCHEDULES
     from mpmp.pipeline import schedules
 
     par, model = cfg.parallel, cfg.model
@@ -186,11 +185,7 @@ def validate(cfg: TrainConfig, world_size: int | None = None, *, mpi_tags: bool 
     if mpi_tags:
         schedules.check_tag_range(par.pp, par.micro_batches, par.virtual_stages)
     _one_of("--partition", par.partition, PARTITIONS)
-    _one_of("--recompute", par.recompute, RECOMPUTE)
-    _one_of("--dtype", cfg.dtype, DTYPES)
-    _one_of("--lr-schedule", cfg.lr_schedule, LR_SCHEDULES)
-    if par.zero not in (0, 1):
-        raise ConfigError(f"--zero must be 0 or 1, not {par.zero}")
+    validate_knobs(cfg)
     if par.sequence_parallel and cfg.seq_len % par.tp:
         raise ConfigError(f"--sequence-parallel needs --seq-len ({cfg.seq_len}) divisible by --tp ({par.tp})")
     _validate_context_parallel(cfg.seq_len, par)
@@ -200,6 +195,18 @@ def validate(cfg: TrainConfig, world_size: int | None = None, *, mpi_tags: bool 
             f"pp*virtual-stages = {par.pp * par.virtual_stages} pipeline stages"
         )
     check_numbers(cfg)
+
+
+def validate_knobs(cfg: TrainConfig):
+    """The named choices that hold whatever the layout: --recompute, --dtype, --lr-schedule, --zero
+    (the trainer and the planner check them here alike)."""
+    from mpmp.optim.lr import SCHEDULES as LR_SCHEDULES
+
+    _one_of("--recompute", cfg.parallel.recompute, RECOMPUTE)
+    _one_of("--dtype", cfg.dtype, DTYPES)
+    _one_of("--lr-schedule", cfg.lr_schedule, LR_SCHEDULES)
+    if cfg.parallel.zero not in (0, 1):
+        raise ConfigError(f"--zero must be 0 or 1, not {cfg.parallel.zero}")
 
 
 def _numbers(cfg: TrainConfig) -> list:

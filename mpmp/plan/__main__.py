@@ -107,15 +107,9 @@ def plan_main(argv) -> int:
 
 def _check_options(req):
     """Refuse option values the search would otherwise silently find no layout for."""
-    from mpmp.config import RECOMPUTE
+    from mpmp.config import validate_knobs
 
-    par = req.cfg.parallel
-    if par.recompute not in RECOMPUTE:
-        raise ConfigError(f"--recompute must be one of {', '.join(RECOMPUTE)}, not {par.recompute!r}")
-    if req.cfg.dtype not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"--dtype must be one of fp32, bf16, fp16, not {req.cfg.dtype!r}")
-    if par.zero not in (0, 1):
-        raise ConfigError(f"--zero must be 0 or 1, not {par.zero}")
+    validate_knobs(req.cfg)
     if req.tp and req.pp:
         req.cfg.model.validate(req.tp)
 
