@@ -22,9 +22,11 @@ import time
 import numpy
 
 from mpmp.comm.ledger import bus_factor
+from mpmp.comm.mpi import wait_sleeping
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "sendrecv")
 MiB = 1 << 20
+QUIET_POLL_S = 1e-4  # ranks between timings sleep this long between tests (mpi.wait_sleeping)
 
 
 def algbw(nbytes: int, seconds: float) -> float:
@@ -110,22 +112,15 @@ def _case(op, nbytes, dtype, group, comm, MPI):
     return x.nbytes, mpmp, raw, 2
 
 
-def _quiet(request):
-    """Wait for a request sleeping between tests: on an oversubscribed node, ranks that are only
-    waiting (the idle ones of sendrecv) then leave the cores to the ranks that work."""
-    while not request.Test():
-        time.sleep(1e-4)
-
-
 def _timed(fn, iters, comm, MPI) -> float:
     """Seconds per call: each rank's mean over iters calls after a barrier, the slowest rank's."""
-    _quiet(comm.Ibarrier())
+    wait_sleeping(comm.Ibarrier(), QUIET_POLL_S)
     start = time.perf_counter()
     for _ in range(iters):
         fn()
     mine = numpy.array([(time.perf_counter() - start) / iters])
     slowest = numpy.empty(1)
-    _quiet(comm.Iallreduce(mine, slowest, op=MPI.MAX))
+    wait_sleeping(comm.Iallreduce(mine, slowest, op=MPI.MAX), QUIET_POLL_S)
     return float(slowest[0])
 
 

@@ -23,6 +23,7 @@ import time
 
 import numpy
 
+from mpmp.comm.mpi import wait_sleeping
 from mpmp.config import ModelConfig, ParallelConfig, TrainConfig
 
 
@@ -177,7 +178,7 @@ def main(argv=None):
                 if rank == 0
                 else None
             )
-            _idle_barrier(world)
+            wait_sleeping(world.Ibarrier(), 0.05)  # the waiting ranks leave the cores to the one that works
             row = world.bcast(row, root=0)
         else:
             row = _slowest(
@@ -192,14 +193,6 @@ def main(argv=None):
             with open(args.json, "w") as f:
                 json.dump({"config": vars(args), "world": size, "results": results}, f, indent=1)
     return 0
-
-
-def _idle_barrier(comm, poll=0.05):
-    """A barrier whose waiting ranks sleep: MPICH's Barrier spins, which would take the cores from the
-    one rank that works."""
-    request = comm.Ibarrier()
-    while not request.Test():
-        time.sleep(poll)
 
 
 def _report_ring(results: dict, world: int):

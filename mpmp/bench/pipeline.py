@@ -33,6 +33,7 @@ import time
 
 import numpy
 
+from mpmp.comm.mpi import wait_sleeping
 from mpmp.errors import ConfigError
 from mpmp.pipeline import schedules as S
 
@@ -127,14 +128,6 @@ def _quiet_group(group):
     return QuietGroup(group.comm, group.name, group.ranks)
 
 
-def _quiet_barrier(comm):
-    """A barrier that sleeps while it waits, so the ranks that arrive early leave the cores to the
-    ones still busy (an oversubscribed node) and all leave it within a fraction of a millisecond."""
-    req = comm.Ibarrier()
-    while not req.Test():
-        time.sleep(POLL_S)
-
-
 def _label(kind: str, v: int) -> str:
     """'compute:BW3.1' -> 'B3b' (fused backward drawn as B, as mpmp.schedule does)."""
     name = kind[len("compute:") :]
@@ -169,7 +162,7 @@ class _Case:
 
         led, grid = ledger.get(), self.grid
         led.reset()
-        _quiet_barrier(grid.comm)
+        wait_sleeping(grid.comm.Ibarrier(), POLL_S)  # early ranks leave the cores to the busy ones
         start = led.now()
         loss = self.engine.run(self.program, list(range(self.m)))
         end = led.now()
