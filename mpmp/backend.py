@@ -163,11 +163,20 @@ def for_blocks(fn, n: int, block: int) -> list:
     return results
 
 
+def on_helper_thread() -> bool:
+    """Whether this runs on one of for_blocks' helper threads, not on the thread that called it (a
+    caller's scratch buffer serves its own thread only)."""
+    return threading.current_thread().name.startswith(_HELPER_PREFIX)
+
+
+_HELPER_PREFIX = "mpmp-kernel"
+
+
 def _executor():
     if _pool["executor"] is None:
         from concurrent.futures import ThreadPoolExecutor
 
-        _pool["executor"] = ThreadPoolExecutor(max(1, kernel_threads() - 1), thread_name_prefix="mpmp-kernel")
+        _pool["executor"] = ThreadPoolExecutor(max(1, kernel_threads() - 1), thread_name_prefix=_HELPER_PREFIX)
     return _pool["executor"]
 
 

@@ -7,9 +7,8 @@ applies where decay_mask is 1 (matrices and embeddings), never to biases or Laye
 """
 
 import math
-import threading
 
-from mpmp.backend import array_module, for_blocks, is_device_array
+from mpmp.backend import array_module, for_blocks, is_device_array, on_helper_thread
 from mpmp.config import AdamWConfig
 from mpmp.optim.buffer import CHUNK
 
@@ -36,11 +35,10 @@ def adamw_update(
         for lo, hi in decay_runs:
             param[lo:hi] *= keep  # decoupled decay: p <- p (1 - lr wd), before the moments
     consts = (math.sqrt(1 - hp.beta2**step), lr / (1 - hp.beta1**step), grad_scale)
-    caller = threading.get_ident()
 
     def chunk(lo, hi):
-        own = scratch if scratch is not None and threading.get_ident() == caller else None
-        t = own[:, : hi - lo] if own is not None else xp.empty((2, hi - lo), dtype=param.dtype)
+        mine = scratch is not None and not on_helper_thread()
+        t = scratch[:, : hi - lo] if mine else xp.empty((2, hi - lo), dtype=param.dtype)
         _adamw_chunk((param[lo:hi], grad[lo:hi], m[lo:hi], v[lo:hi]), t, hp, consts)
 
     for_blocks(chunk, param.size, CHUNK)

@@ -7,9 +7,8 @@ groups that partition the model (tp x pp, plus dp under ZeRO) gives the squared 
 """
 
 import math
-import threading
 
-from mpmp.backend import array_module, for_blocks
+from mpmp.backend import array_module, for_blocks, on_helper_thread
 from mpmp.optim.buffer import CHUNK
 
 
@@ -20,11 +19,10 @@ def local_sq_norm(grad, runs, scratch=None) -> float:
     xp = array_module(grad)
     scratch = xp.empty(CHUNK, dtype=xp.float64) if scratch is None else scratch
     chunks = [(a, min(a + CHUNK, hi)) for lo, hi in runs for a in range(lo, hi, CHUNK)]
-    caller = threading.get_ident()
 
     def squares(i, _):
         a, b = chunks[i]
-        t = scratch[: b - a] if threading.get_ident() == caller else xp.empty(b - a, dtype=xp.float64)
+        t = xp.empty(b - a, dtype=xp.float64) if on_helper_thread() else scratch[: b - a]
         xp.multiply(grad[a:b], grad[a:b], out=t, dtype=xp.float64)
         return t.sum()
 
