@@ -9,14 +9,13 @@ the first collective; stdout carries only the text, everything else goes to stde
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from dataclasses import dataclass
 
 from mpmp import backend
 from mpmp._setup import local_rank, mpi_launched
-from mpmp.cli import number
+from mpmp.cli import check_output_file, number
 from mpmp.comm import ledger
 from mpmp.config import ModelConfig
 from mpmp.errors import ConfigError, MpmpError
@@ -123,9 +122,7 @@ def prepare(args, world_size: int) -> Job:
     for i, ids in enumerate(prompts):
         _check_prompt(i, ids, cfg, args.max_new_tokens)
     if args.output:
-        folder = os.path.dirname(os.path.abspath(args.output))
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            raise ConfigError(f"--output {args.output}: folder {folder} does not exist or is not writable")
+        check_output_file(args.output, "--output")
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     return Job(cfg, arrays, tokenizer, prompts, sampling, args.tp, args.pp, dp)
 
@@ -251,15 +248,6 @@ def report(job: Job, every, gen) -> str:
     return "\n".join(lines)
 
 
-def _watchdog(args, world_size: int):
-    if world_size == 1 or args.comm_timeout <= 0:
-        return None
-    from mpmp.comm.mpi import MPI
-    from mpmp.comm.watchdog import Watchdog
-
-    return Watchdog(MPI().COMM_WORLD, args.comm_timeout).start()
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
     world_size, rank = 1, 0
@@ -273,7 +261,9 @@ def main(argv=None) -> int:
         job = prepare(args, world_size)  # no communication: every rank finds the same problem
     except MpmpError as exc:
         _fail(exc, rank, world_size)
-    watchdog = _watchdog(args, world_size)
+    from mpmp.comm.watchdog import start_watchdog
+
+    watchdog = start_watchdog(world_size, args.comm_timeout)
     code = run(job, args, world_size)
     if watchdog:
         watchdog.stop()

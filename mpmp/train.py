@@ -19,7 +19,7 @@ import numpy
 
 from mpmp import backend, console
 from mpmp._setup import launcher_rank, local_rank, local_ranks, mpi_launched
-from mpmp.cli import number
+from mpmp.cli import check_output_file, check_writable_folder, number
 from mpmp.comm import ledger
 from mpmp.config import ModelConfig, ParallelConfig, TrainConfig, check_embedding_fits, validate
 from mpmp.errors import ConfigError, DivergedError, MpmpError, StartupErrors
@@ -320,7 +320,7 @@ def prepare(run: Run) -> Start:
     data = TokenData(tokens, cfg.seq_len, cfg.model.vocab, args.data_order, cfg.seed, args.data or "built-in corpus")
     source = init_arrays.__getitem__ if init_arrays is not None else random_source(cfg.model, cfg.seed)
     if args.save:
-        _check_writable(args.save, "--save", create=True)
+        check_writable_folder(args.save, "--save", create=True)
     return Start(cfg, data, source, resume)
 
 
@@ -349,7 +349,7 @@ def check_flags(run: Run):
     if run.is_main:  # rank 0 writes these two
         for flag, path in (("--metrics", args.metrics), ("--trace", args.trace)):
             if path:
-                _check_output_file(path, flag)
+                check_output_file(path, flag)
 
 
 def _check_memory(run: Run, cfg: TrainConfig, inferred_vocab: bool):
@@ -601,12 +601,9 @@ def train(run: Run) -> int:
     ledger.install(ledger.Ledger(grid.rank, keep_events=False))
     run.say(f"communication: {transport} ({why})")
     trainer = make_trainer(start, grid, run)
-    watchdog = None
-    if run.world_size > 1 and run.args.comm_timeout > 0:
-        from mpmp.comm.mpi import MPI
-        from mpmp.comm.watchdog import Watchdog
+    from mpmp.comm.watchdog import start_watchdog
 
-        watchdog = Watchdog(MPI().COMM_WORLD, run.args.comm_timeout).start()
+    watchdog = start_watchdog(run.world_size, run.args.comm_timeout)
     t0 = time.perf_counter()
     # a resumed run appends to its metrics; a fresh start (also --resume auto with nothing saved) does not
     history, stopped = train_loop(trainer, run, append=start.resume is not None)
@@ -673,29 +670,6 @@ def _resume_dir(run: Run) -> str | None:
             run.warn(f"--resume auto: no complete checkpoint in {root}; starting from step 0")
         return None
     return step_dir or checkpoint.resolve(root)  # resolve raises the error for an explicit DIR
-
-
-def _check_writable(folder, flag, create=False):
-    """Fail before training, not after it, when an output folder cannot be written."""
-    if create:
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"{flag} {folder}: cannot create the folder ({exc.strerror or exc})") from None
-    if not os.path.isdir(folder):
-        what = "is not a folder" if os.path.exists(folder) else "does not exist"
-        raise ConfigError(f"{flag}: {folder} {what}")
-    if not os.access(folder, os.W_OK):
-        raise ConfigError(f"{flag}: folder {folder} is not writable")
-
-
-def _check_output_file(path, flag):
-    """Fail before the first step, not after the last, when a file rank 0 writes cannot be written."""
-    if os.path.isdir(path):
-        raise ConfigError(f"{flag} {path} is a folder; give a file name")
-    _check_writable(os.path.dirname(os.path.abspath(path)), flag)
-    if os.path.exists(path) and not os.access(path, os.W_OK):
-        raise ConfigError(f"{flag} {path}: the file is not writable")
 
 
 def main(argv=None) -> int:

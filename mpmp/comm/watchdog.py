@@ -101,6 +101,16 @@ _STATE_BYTES = 256  # one rank's stuck operation, as padded JSON
 _TAG = 7  # the watchdog's own communicator carries nothing else
 
 
+def start_watchdog(world_size: int, timeout: float):
+    """A started Watchdog over MPI's world for a job of several ranks and --comm-timeout > 0, else
+    None (one process has no peer to wait for; 0 turns the watchdog off)."""
+    if world_size == 1 or timeout <= 0:
+        return None
+    from mpmp.comm.mpi import MPI
+
+    return Watchdog(MPI().COMM_WORLD, timeout).start()
+
+
 def exchange_report(states: dict, size: int) -> str:
     """The job's report from the stuck operations of the ranks that reported ({rank: state}): first
     the ranks that did not (stalled outside any communication), then desync_report's findings."""
