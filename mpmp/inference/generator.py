@@ -36,14 +36,11 @@ from mpmp.pipeline import partition
 
 def inference_model(cfg, source, grid):
     """This rank's chunk of GPT-2 for generation: the stage's units of a uniform split over pp, sharded
-    over tp, without gradient buffers (nothing is trained)."""
+    over tp. Nothing is trained, so no gradient buffer is ever made (Parameter.grad is made on use)."""
     from mpmp.model.gpt import GPT
 
     split = partition.balanced_split(partition.unit_costs(cfg, "uniform"), grid.pp)
-    model = GPT(cfg, source, ranges=partition.stage_ranges(split, grid.pp, grid.stage), group=grid.tp_group)
-    for p in model.parameters():
-        p.grad = None  # Parameter allocates one for training; generation would hold it for nothing
-    return model
+    return GPT(cfg, source, ranges=partition.stage_ranges(split, grid.pp, grid.stage), group=grid.tp_group)
 
 
 def plan_micro_batches(lengths, target: int) -> list[list[int]]:

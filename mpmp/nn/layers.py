@@ -23,11 +23,11 @@ class Parameter:
     decay: whether AdamW's weight decay applies (2-D tensors only).
     """
 
-    __slots__ = ("data", "grad", "name", "split", "decay", "sequence_parallel", "tied_copy")
+    __slots__ = ("data", "_grad", "name", "split", "decay", "sequence_parallel", "tied_copy")
 
     def __init__(self, data, name, split=None, decay=False):
         self.data = data
-        self.grad = xp().zeros_like(data)
+        self._grad = None  # made on first use: training rebinds it to a view of its flat buffer first
         self.name = name
         self.split = split
         self.decay = decay
@@ -36,6 +36,18 @@ class Parameter:
         # Set by the model: this is the last stage's copy of the tied embedding, synchronised with the
         # first stage's copy and therefore not counted again in the global gradient norm.
         self.tied_copy = False
+
+    @property
+    def grad(self):
+        """The gradient, accumulated in place: zeros of data's shape until a backward adds to it
+        (allocated on first use, so generation, which never asks, holds none)."""
+        if self._grad is None:
+            self._grad = xp().zeros_like(self.data)
+        return self._grad
+
+    @grad.setter
+    def grad(self, value):
+        self._grad = value
 
     @property
     def shape(self):
