@@ -193,11 +193,16 @@ class Trainer:
             self.scaler.update(self.scaler.overflowed(norm))
         return Update(grad_norm=norm, lr=lr, clip_coef=coef, skipped=not finite, loss_scale=s)
 
+    @property
+    def _owns_loss(self) -> bool:
+        """Whether this rank's loss counts in the global one: the last stage's tp rank 0 (of each dp
+        and cp rank, which hold shares)."""
+        return self.grid.is_last_stage and self.grid.coord.tp == 0
+
     def global_loss(self, local_loss: float, stop_requested: bool = False) -> tuple[float, bool]:
         """One small all-reduce carries the loss (still scaled) to every rank, and whether any rank
         was asked to stop."""
-        owner = self.grid.is_last_stage and self.grid.coord.tp == 0  # each dp and cp rank: its share
-        total = numpy.array([local_loss if owner else 0.0, float(stop_requested)])
+        total = numpy.array([local_loss if self._owns_loss else 0.0, float(stop_requested)])
         self.grid.world.all_reduce(total)
         return float(total[0]), bool(total[1] > 0)
 
@@ -289,7 +294,7 @@ class Trainer:
         """[loss, stop] summed over every rank on the device: over the model-parallel group (one
         replica), then over data parallelism. The loss counts once, from the last stage's tp rank 0."""
         totals = backend.xp().zeros(2, dtype=numpy.float64)
-        if self.grid.is_last_stage and self.grid.coord.tp == 0:
+        if self._owns_loss:
             totals[0] = local_loss
         totals[1] = float(stop_requested)
         for group in (self.grid.mp_group, self.grid.dp_cp_group):  # cp ranks hold shares of the loss too
