@@ -103,7 +103,7 @@ def bytes_per_step(cfg: TrainConfig, stage: int) -> dict:
             add("dp", "all_gather", int(zero), 4 * n)
         add("dp", "all_reduce", int(zero), 8)
     add("mp", "all_reduce", int(par.tp * par.pp > 1), 8)
-    add("world", "all_reduce", int(par.tp * par.pp * par.dp > 1), 16)
+    add("world", "all_reduce", int(par.world_size > 1), 16)
     return {k: list(v) for k, v in totals.items()}
 
 

@@ -57,7 +57,7 @@ def validate(cfg: TrainConfig, sw: step_time.Software = step_time.MPMP):
 def capacity(cfg: TrainConfig, hw) -> float:
     """Bytes one rank may fill: its device's usable memory, or its share of a CPU node's."""
     par = cfg.parallel
-    ranks = min(par.tp * par.pp * par.dp, hw.devices_per_node) if hw.cores_per_node > 0 else 1
+    ranks = min(par.world_size, hw.devices_per_node) if hw.cores_per_node > 0 else 1
     return hw.memory_bytes * hw.memory_usable / ranks
 
 

@@ -69,7 +69,7 @@ def rates(cfg: TrainConfig, hw) -> Rates:
     e = 2 if native_low else 4
     if hw.cores_per_node <= 0:
         return Rates(gemm, 1.0, e)
-    world = cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.dp
+    world = cfg.parallel.world_size
     ranks = min(world, hw.devices_per_node)
     threads = max(1, hw.cores_per_node // ranks)  # mpmp/_setup.py: BLAS threads per rank
     slowdown = max(1.0, ranks / hw.cores_per_node)
@@ -434,4 +434,4 @@ def model_flops(cfg: TrainConfig) -> float:
 
 def tflops_per_gpu(cfg: TrainConfig, step_s: float) -> float:
     par = cfg.parallel
-    return model_flops(cfg) / step_s / (par.tp * par.pp * par.dp) / 1e12
+    return model_flops(cfg) / step_s / par.world_size / 1e12

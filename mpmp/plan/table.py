@@ -12,7 +12,7 @@ def plan_json(plan, hw, sw, rejected: str = "") -> dict:
     """One plan (a layout with its chosen knobs); `rejected` says why it cannot run ("" if it can)."""
     cfg = plan.cfg
     par = cfg.parallel
-    ranks = range(par.tp * par.pp * par.dp)
+    ranks = range(par.world_size)
     stage_of = [coord_of(r, par.tp, par.dp).pp for r in ranks]
     return {
         "tp": par.tp,
