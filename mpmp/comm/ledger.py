@@ -44,10 +44,9 @@ def wire_bytes(kind: str, nbytes: int, group_size: int) -> float:
     return nbytes * bus_factor(kind, group_size)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Event:
-    """One operation (or span of work) as it happened. Treat as read-only: it is not frozen only
-    because a frozen dataclass costs microseconds to build, once per message."""
+    """One operation (or span of work) as it happened (built when Ledger.events is read)."""
 
     kind: str  # all_reduce, all_gather, reduce_scatter, broadcast, send, recv, ... or <span cat>:<name>
     group: str  # tp, dp, pp, embed, world, ...; for spans their category (compute, step)
