@@ -263,6 +263,11 @@ def clean_env(**extra) -> dict:
 def run_module(module, *args, n=1, timeout=120, env=None) -> subprocess.CompletedProcess:
     """`python -m MODULE ARGS` on one process, or under `mpirun -n N`."""
     cmd = ([MPIRUN, "-n", str(n)] if n > 1 else []) + [sys.executable, "-m", module, *map(str, args)]
+    return run_module_cmd(cmd, timeout, env)
+
+
+def run_module_cmd(cmd, timeout, env=None) -> subprocess.CompletedProcess:
+    """cmd from the repository root in a plain user's environment (clean_env), output captured."""
     return subprocess.run(
         cmd, cwd=ROOT, env=env or clean_env(), capture_output=True, text=True, timeout=timeout, check=False
     )
@@ -282,3 +287,15 @@ def assert_one_clear_error(proc, *needles) -> str:
     for needle in needles:
         assert needle in errors[0], (needle, errors[0])
     return errors[0]
+
+
+def run_script(tmp_path, body, args=(), *, n=2, timeout):
+    """A Python script of `body` run under `mpirun -n N`: (the process, its seconds)."""
+    import textwrap
+    import time
+
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(body))
+    start = time.monotonic()
+    proc = run_module_cmd([MPIRUN, "-n", str(n), sys.executable, str(script), *map(str, args)], timeout)
+    return proc, time.monotonic() - start

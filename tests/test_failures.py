@@ -12,12 +12,11 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import numpy
 import pytest
-from helpers import MPIRUN, ROOT, clean_env, run_train
+from helpers import MPIRUN, ROOT, clean_env, run_script, run_train
 
 from mpmp import checkpoint
 from mpmp.comm.grid import LocalGrid
@@ -341,21 +340,6 @@ def test_an_error_every_rank_finds_is_printed_once_per_job(args, line):
     assert proc.stderr.count("usage:") <= 1 and "rank 1" not in proc.stderr
 
 
-def run_script(tmp_path, body, args=(), n=2, timeout=90):
-    script = tmp_path / "script.py"
-    script.write_text(textwrap.dedent(body))
-    start = time.monotonic()
-    proc = subprocess.run(
-        [MPIRUN, "-n", str(n), sys.executable, str(script), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=clean_env(),
-        cwd=ROOT,
-    )
-    return proc, time.monotonic() - start
-
-
 @needs_mpirun
 def test_an_error_one_rank_finds_is_printed_by_that_rank_and_every_rank_exits(tmp_path):
     """A data file missing on one node only: rank 1 says so (once), and rank 0, which found nothing
@@ -376,6 +360,7 @@ def test_an_error_one_rank_finds_is_printed_by_that_rank_and_every_rank_exits(tm
         sys.exit(train.main(sys.argv[1:]))
         """,
         args=THREE,
+        timeout=90,
     )
     assert_fails(proc, 2, "rank 1: error: data file /scratch/t.bin does not exist")
     assert took < 60
@@ -394,6 +379,7 @@ def test_lines_of_different_ranks_never_merge(tmp_path):
         for i in range(400):
             console.line(f"rank {rank}: line {i} " + "x" * 60, sys.stderr)
         """,
+        timeout=90,
     )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stderr.splitlines()
@@ -454,6 +440,7 @@ def test_the_watchdog_names_a_stalled_rank_0(tmp_path):
             time.sleep(60)
         g.all_reduce(x)
         """,
+        timeout=90,
     )
     assert proc.returncode != 0
     assert took < 45

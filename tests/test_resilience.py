@@ -3,31 +3,21 @@ clear message; jobs that end (instead of hanging) when a rank dies, raises, or d
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import numpy
 import pytest
+from helpers import MPIRUN, ROOT, clean_env, run_script, run_train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MPIRUN = shutil.which("mpirun") or shutil.which("mpiexec")
 needs_mpirun = pytest.mark.skipif(MPIRUN is None, reason="no mpirun")
 TINY = ["--d-model", "32", "--layers", "2", "--heads", "4", "--seq-len", "16", "--global-batch", "8", "--quiet"]
 
 
-def clean_env():
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "MPI_", "HYDRA_", "OMPI_", "PMIX_"))}
-    env["PYTHONPATH"] = ROOT
-    return env
-
-
 def train(args, n=1, timeout=180, check=True):
-    cmd = ([MPIRUN, "-n", str(n)] if n > 1 else []) + [sys.executable, "-m", "mpmp.train", *TINY, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=clean_env(), cwd=ROOT)
+    proc = run_train(*TINY, *args, n=n, timeout=timeout)
     if check:
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
@@ -265,21 +255,6 @@ def _descendants(pid):
     return sorted(out)
 
 
-def run_script(tmp_path, body, n=2, timeout=60):
-    script = tmp_path / "script.py"
-    script.write_text(textwrap.dedent(body))
-    start = time.time()
-    proc = subprocess.run(
-        [MPIRUN, "-n", str(n), sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=clean_env(),
-        cwd=ROOT,
-    )
-    return proc, time.time() - start
-
-
 @needs_mpirun
 def test_an_exception_in_one_trainer_rank_aborts_the_job_with_its_message(tmp_path):
     proc, took = run_script(
@@ -297,6 +272,7 @@ def test_an_exception_in_one_trainer_rank_aborts_the_job_with_its_message(tmp_pa
         sys.exit(train.main(["--steps", "50", "--d-model", "32", "--layers", "2", "--heads", "2",
                              "--seq-len", "16", "--global-batch", "8", "--quiet"]))
         """,
+        timeout=60,
     )
     assert proc.returncode != 0
     assert "rank 1: ValueError: injected failure on rank 1" in proc.stderr
@@ -320,6 +296,7 @@ def test_watchdog_names_the_desynchronised_rank_and_aborts(tmp_path):
         else:
             g.all_reduce(x)
         """,
+        timeout=60,
     )
     assert proc.returncode != 0
     assert took < 30
