@@ -384,4 +384,8 @@ def test_the_watchdog_ignores_sends_in_flight_and_watches_waits():
     led.wait_start(send)
     assert list(led.blocked) == [send]
     led.end(send, 2, 1, 8, "float32", blocked=0.0)
-    assert not led.blocked and not led.in_flight
+    assert not led.blocked and not led.in_flight and not led.blocked_since()
+    led.enter("all_gather", "dp")  # the blocking operations' path
+    assert [(g, kind) for g, _, kind, _, _ in led.blocked_since()] == [("dp", "all_gather")]
+    led.leave(2, -1, 8, "float32")
+    assert not led.blocked_since() and led.last_done["dp"] == (0, "all_gather", "")

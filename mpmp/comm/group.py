@@ -117,7 +117,7 @@ class Group:
         if self.size == 1:
             return x
         led = _ledger.get()
-        token = led.begin("all_reduce", self.name)
+        led.enter("all_reduce", self.name)
         base = "sum" if op == "avg" else op
         fmt = self._format(x, exact)
         native = _native16(x, op)
@@ -133,7 +133,7 @@ class Group:
             self._all_reduce(x, base)
         if op == "avg":
             x /= self.size
-        led.end(token, self.size, -1, payload.nbytes, _dtype_name(payload.dtype if not fmt else fmt))
+        led.leave(self.size, -1, payload.nbytes, fmt or _dtype_name(payload.dtype))
         return x
 
     def iall_reduce(self, x, op="sum") -> Handle:
@@ -165,9 +165,9 @@ class Group:
         if out is None or fmt or axis % x.ndim:
             out = xp.empty((sum(counts),) + front.shape[1:], dtype=front.dtype)
         led = _ledger.get()
-        token = led.begin("all_gather", self.name)
+        led.enter("all_gather", self.name)
         self._all_gather(front, out, counts)
-        led.end(token, self.size, -1, out.nbytes, _dtype_name(fmt or x.dtype))
+        led.leave(self.size, -1, out.nbytes, fmt or _dtype_name(x.dtype))
         if fmt:
             out = from_wire(out, fmt)
         return _from_front(out, axis)
@@ -192,9 +192,9 @@ class Group:
         if out is None or (fmt and not native) or axis % x.ndim:
             out = xp.empty((counts[self.rank],) + front.shape[1:], dtype=front.dtype)
         led = _ledger.get()
-        token = led.begin("reduce_scatter", self.name)
+        led.enter("reduce_scatter", self.name)
         self._reduce_scatter(front, out, counts, base)
-        led.end(token, self.size, -1, front.nbytes, _dtype_name(fmt or x.dtype))
+        led.leave(self.size, -1, front.nbytes, fmt or _dtype_name(x.dtype))
         if native:
             out = out.view(x.dtype)
         elif fmt:
@@ -224,17 +224,17 @@ class Group:
         if self.size == 1:
             return x
         led = _ledger.get()
-        token = led.begin("broadcast", self.name)
+        led.enter("broadcast", self.name)
         self._broadcast(x, root)
-        led.end(token, self.size, -1, x.nbytes, _dtype_name(x.dtype))
+        led.leave(self.size, -1, x.nbytes, _dtype_name(x.dtype))
         return x
 
     def barrier(self):
         if self.size > 1:
             led = _ledger.get()
-            token = led.begin("barrier", self.name)
+            led.enter("barrier", self.name)
             self._barrier()
-            led.end(token, self.size, -1, 0, "")
+            led.leave(self.size, -1, 0, "")
 
     # ---- point to point ------------------------------------------------------------------------
     def _send_payload(self, x):
@@ -266,19 +266,19 @@ class Group:
     def send(self, x, peer, tag=0):
         payload, fmt = self._send_payload(x)
         led = _ledger.get()
-        token = led.begin("send", self.name)
+        led.enter("send", self.name)
         self._send_blocking(payload, peer, tag)
-        led.end(token, self.size, peer, payload.nbytes, fmt or _dtype_name(x.dtype))
+        led.leave(self.size, peer, payload.nbytes, fmt or _dtype_name(x.dtype))
 
     def recv(self, out, peer, tag=0):
         """Receive into the preallocated out; returns it."""
         buf, fmt = self._recv_buffer(out)
         led = _ledger.get()
-        token = led.begin("recv", self.name)
+        led.enter("recv", self.name)
         self._recv_blocking(buf, peer, tag)
         if fmt:
             from_wire(buf, fmt, out=out)
-        led.end(token, self.size, peer, buf.nbytes, fmt or _dtype_name(out.dtype))
+        led.leave(self.size, peer, buf.nbytes, fmt or _dtype_name(out.dtype))
         return out
 
     def batch_isend_irecv(self, ops) -> list[Handle]:

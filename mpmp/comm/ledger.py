@@ -76,13 +76,23 @@ class Ledger:
         self.last_done: dict[str, tuple[int, str, str]] = {}  # group -> (seq, kind, label) completed
         self.in_flight: dict[int, tuple] = {}  # token -> (group, seq, kind, label, started)
         self.blocked: dict[int, tuple] = {}  # the subset this rank is waiting in -> (..., waiting since)
+        self.waiting: tuple | None = None  # the blocking operation in progress (enter/leave), same fields
         self.label = ""
-        self._t0_wall = time.time()
-        self._t0 = time.perf_counter()
+        # times are kept as perf_counter() readings (the cheapest clock to read) and turned into seconds
+        # since the epoch when read: wall = reading + _to_wall
+        self._to_wall = time.time() - time.perf_counter()
         self._token = 0
 
     def now(self) -> float:
-        return self._t0_wall + (_perf_counter() - self._t0)
+        """Seconds since the epoch (all ranks of a node share the clock)."""
+        return self._to_wall + _perf_counter()
+
+    def blocked_since(self) -> list[tuple]:
+        """(group, seq, kind, label, since) of every operation this rank is waiting in now, since a
+        perf_counter() reading (what the watchdog watches)."""
+        items = list(self.blocked.values())
+        waiting = self.waiting
+        return items + [waiting] if waiting is not None else items
 
     @contextmanager
     def scope(self, label: str):
@@ -93,14 +103,35 @@ class Ledger:
         finally:
             self.label = previous
 
-    # begin/end run once per message: written for speed (no helper calls; see bench comm)
+    # enter/leave (blocking operations) and begin/wait_start/end (non-blocking ones) run once per
+    # message: written for speed, with no helper calls (see bench comm)
+    def enter(self, kind: str, group: str):
+        """A blocking operation starts; the watchdog counts this rank as waiting in it until leave().
+        One at a time: communication is issued from one thread."""
+        seq = self.seq[group]
+        self.seq[group] = seq + 1
+        self.waiting = (group, seq, kind, self.label, _perf_counter())
+
+    def leave(self, group_size: int, peer: int, nbytes: int, dtype: str):
+        """The blocking operation enter() started has completed."""
+        stop = _perf_counter()
+        group, seq, kind, label, start = self.waiting
+        self.waiting = None
+        total = self.totals[(kind, group)]
+        total[0] += 1
+        total[1] += nbytes
+        total[2] += stop - start
+        self.last_done[group] = (seq, kind, label)
+        if self.keep_events:
+            self._rows.append((kind, group, group_size, peer, nbytes, dtype, start, stop, seq, label, stop - start))
+
     def begin(self, kind: str, group: str, blocking: bool = True) -> int:
         """Mark an operation as started; returns a token for end(). A non-blocking operation counts as
         blocked (what the watchdog watches) only from wait_start()."""
         self._token = token = self._token + 1
         seq = self.seq[group]
         self.seq[group] = seq + 1
-        self.in_flight[token] = entry = (group, seq, kind, self.label, self._t0_wall + (_perf_counter() - self._t0))
+        self.in_flight[token] = entry = (group, seq, kind, self.label, _perf_counter())
         if blocking:
             self.blocked[token] = entry
         return token
@@ -108,14 +139,14 @@ class Ledger:
     def wait_start(self, token: int):
         """The rank now waits for a non-blocking operation."""
         group, seq, kind, label, _ = self.in_flight[token]
-        self.blocked[token] = (group, seq, kind, label, self.now())
+        self.blocked[token] = (group, seq, kind, label, _perf_counter())
 
     def end(self, token: int, group_size: int, peer: int, nbytes: int, dtype: str, blocked: float | None = None):
         """blocked: for a non-blocking operation, the seconds spent waiting for it (what the totals
         count); its event still spans from start to completion."""
+        stop = _perf_counter()
         group, seq, kind, label, start = self.in_flight.pop(token)
         self.blocked.pop(token, None)
-        stop = self._t0_wall + (_perf_counter() - self._t0)
         waited = stop - start if blocked is None else blocked
         total = self.totals[(kind, group)]
         total[0] += 1
@@ -129,9 +160,9 @@ class Ledger:
     def events(self) -> list[Event]:
         """Every kept operation and span in the order it ended. The Events are built here, on read,
         from the fields end() keeps: building one per message costs more than the rest of the record."""
-        rows, events = self._rows, self._events
-        if len(events) < len(rows):
-            events.extend(Event(*row) for row in rows[len(events) :])
+        rows, events, wall = self._rows, self._events, self._to_wall
+        for kind, group, size, peer, nbytes, dtype, start, stop, seq, label, waited in rows[len(events) :]:
+            events.append(Event(kind, group, size, peer, nbytes, dtype, start + wall, stop + wall, seq, label, waited))
         return events
 
     @contextmanager
@@ -141,11 +172,11 @@ class Ledger:
         if not self.keep_events:
             yield
             return
-        start = self.now()
+        start = _perf_counter()
         try:
             yield
         finally:
-            self._rows.append((f"{cat}:{name}", cat, 1, -1, 0, "", start, self.now(), -1, self.label, 0.0))
+            self._rows.append((f"{cat}:{name}", cat, 1, -1, 0, "", start, _perf_counter(), -1, self.label, 0.0))
 
     def mark(self) -> dict:
         """A copy of the totals, for since()."""

@@ -41,9 +41,8 @@ class Watchdog:
         self._stop.set()
 
     def _oldest(self):
-        led = _ledger.get()
-        now = led.now()
-        items = list(led.blocked.values())
+        now = time.perf_counter()  # the clock blocked_since() reads
+        items = _ledger.get().blocked_since()
         if not items:
             return None
         group, seq, kind, label, started = min(items, key=lambda it: it[4])
