@@ -260,7 +260,9 @@ def test_optimizer_grad_norm_counts_each_distinct_parameter_once():
     flat.grad[:] = rng.standard_normal(flat.grad.size).astype(flat.grad.dtype)
     want = math.sqrt(sum(float((p.grad.astype(numpy.float64) ** 2).sum()) for p in params if p.split is not None))
     opt = Optimizer(flat, AdamWConfig(), dp_group=SelfGroup("dp"), norm_groups=[SelfGroup("mp")])
-    assert opt.grad_norm() == pytest.approx(want, rel=1e-12)
+    # float32 dot products per chunk: round-off near 1e-8; one parameter counted twice or missed moves
+    # the norm by far more than 1e-6
+    assert opt.grad_norm() == pytest.approx(want, rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,7 +445,7 @@ def test_trainer_reports_the_norm_before_clipping_and_steps_with_clipped_grads()
     # Same weights before step 1: the same gradient, and the reported norm ignores clipping.
     assert m_clipped["grad_norm"] == m_free["grad_norm"]
     norm = math.sqrt(sum(float((p.grad.astype(numpy.float64) ** 2).sum()) for p in clipped.model.parameters()))
-    assert m_clipped["grad_norm"] == pytest.approx(norm, rel=1e-12)
+    assert m_clipped["grad_norm"] == pytest.approx(norm, rel=1e-6)  # float32 dot products per chunk
     coef = 1e-3 / (norm + 1e-6)
     assert coef < 1
     # The update is AdamW on grad * coef (eps = 1e-3 makes the scale visible in the update).

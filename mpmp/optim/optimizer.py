@@ -41,7 +41,9 @@ class Optimizer:
         ]
         self.adams = [AdamW(m, flat.decay_mask[lo:hi], hp) for m, (lo, hi) in zip(self.masters, self.ranges)]
         # the runs of parameters this rank counts in the global norm, clipped to its ranges
-        self._norm_scratch = array_module(flat.grad).empty(CHUNK, dtype="float64")
+        self._norm_scratch = (  # the device norm's partial sums (the host needs none)
+            array_module(flat.grad).empty(CHUNK, dtype="float64") if is_device_array(flat.grad) else None
+        )
         counted = runs(flat.norm_mask)
         self.norm_runs = [(max(a, lo), min(b, hi)) for lo, hi in self.ranges for a, b in counted if a < hi and b > lo]
 
