@@ -16,7 +16,7 @@ import sys
 import time
 
 from mpmp._setup import blas_thread_count
-from mpmp.bench.train import configs, make_trainer, rate, token_data
+from mpmp.bench.train import configs, make_trainer, products_runner, rate, token_data
 from mpmp.model.gpt import random_source
 
 
@@ -99,30 +99,39 @@ class TorchStep:
 
 
 def against_torch(shape, *, steps=5, warmup=2) -> tuple[dict, dict]:
-    """mpmp's fp32 step and PyTorch's (TorchStep) on the same batches, one after the other
-    in turn (which goes first alternates), in this process. Returns (mpmp's rate as train_rate's,
-    {"step_s", "ratio": median over steps of torch/mpmp, "loss_diff": the largest |loss difference|})."""
+    """mpmp's fp32 step, PyTorch's (TorchStep) on the same batches, and the step's matrix products
+    alone (bench.train.products_runner), one after the other in turn (which goes first rotates), in
+    this process. Returns (mpmp's rate as train_rate's, {"step_s", "ratio": median over steps of
+    torch/mpmp, "loss_diff": the largest |loss difference|, "products_s", "bound": median over steps
+    of torch/products, the most torch/mpmp any step on this BLAS could reach})."""
     trainer, model = make_trainer(shape, "fp32", steps + warmup)
     ref = TorchStep(model, trainer.cfg, random_source(model, 0), blas_thread_count())
-    ours, theirs, loss_diff = [], [], 0.0
+    products = products_runner(shape)
+    times, loss_diff = ([], [], []), 0.0
     for i in range(steps + warmup):
         inputs, targets = trainer.data.replica_batch(i, trainer.cfg.global_batch, 0, 1)
-        runs = [lambda: trainer.train_step()["loss"], functools.partial(ref.step, inputs, targets)]
-        (a, loss_a), (b, loss_b) = _timed_pair(runs, swap=i % 2 == 1)
-        loss_diff = max(loss_diff, abs(loss_a - loss_b))
+        runs = [lambda: trainer.train_step()["loss"], functools.partial(ref.step, inputs, targets), products]
+        done = _timed_in_turn(runs, first=i % len(runs))
+        loss_diff = max(loss_diff, abs(done[0][1] - done[1][1]))
         if i >= warmup:
-            ours.append(a)
-            theirs.append(b)
-    ratio = statistics.median(t / o for o, t in zip(ours, theirs))
-    torch_row = {"step_s": statistics.median(theirs), "ratio": ratio, "loss_diff": loss_diff}
+            for kept, (seconds, _) in zip(times, done):
+                kept.append(seconds)
+    ours, theirs, alone = times
+    torch_row = {
+        "step_s": statistics.median(theirs),
+        "ratio": statistics.median(t / o for o, t in zip(ours, theirs)),
+        "loss_diff": loss_diff,
+        "products_s": statistics.median(alone),
+        "bound": statistics.median(t / p for p, t in zip(alone, theirs)),
+    }
     return rate(shape, "fp32", statistics.median(ours), model, trainer), torch_row
 
 
-def _timed_pair(runs, swap):
-    """[(seconds, result)] of two calls, run in the given order or swapped; returned in call order."""
-    order = [1, 0] if swap else [0, 1]
-    out = [None, None]
-    for k in order:
+def _timed_in_turn(runs, first):
+    """[(seconds, result)] of calls run in turn from runs[first] (wrapping round); returned in list order."""
+    out = [None] * len(runs)
+    for j in range(len(runs)):
+        k = (first + j) % len(runs)
         t = time.perf_counter()
         result = runs[k]()
         out[k] = (time.perf_counter() - t, result)

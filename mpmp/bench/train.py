@@ -13,6 +13,11 @@ same shapes, weights, batches, AdamW and clipping), interleaved with mpmp's step
 benchmark prints torch step / mpmp step (goal at the two tracked shapes: at least 1.1) and the peak
 resident memory of each framework's step, each measured in a process of its own.
 
+One process on NumPy also times the step's matrix products alone (step_products: every linear's three
+products, attention's six per head, the output head's three), back to back on the same BLAS; with
+--against torch they run in turn with the two steps. No step on this BLAS can take less, so torch
+step / products alone is the highest torch/mpmp ratio any NumPy implementation could reach.
+
 Under mpirun with N ranks the layout is pure data parallelism (dp = N, each rank the configured
 batch B), and each configuration is also timed on one rank alone with the same B: the difference is
 the data-parallel all-reduce time that backward did not hide (goal: at most 10% of the step).
@@ -26,6 +31,7 @@ import time
 
 import numpy
 
+from mpmp import backend
 from mpmp.comm import factory
 from mpmp.config import DTYPES, ModelConfig, ParallelConfig, TrainConfig
 from mpmp.errors import ConfigError
@@ -129,6 +135,59 @@ def rate(shape, dtype, step_s, model, trainer) -> dict:
     }
 
 
+def step_products(shape) -> dict:
+    """The matrix products of one training step of shape (V, D, L, H, S, B), {(batch, m, k, n): how
+    many}: each linear's forward, input-gradient and weight-gradient products, attention's two
+    forward and four backward products per head, and those of the tied output head. Their FLOPs are
+    the step's 6N + 12·L·D·S per token but for N's biases and LayerNorm parameters."""
+    v, d, layers, heads, s, b = shape
+    t, bh, hd = b * s, b * heads, d // heads
+    count = {}
+
+    def add(key, n=1):
+        count[key] = count.get(key, 0) + n
+
+    for k, n in ((d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)):  # q|k|v, attention out, MLP up, MLP down
+        for key in ((1, t, k, n), (1, t, n, k), (1, k, t, n)):  # y = x W, dx = dy W^T, dW = x^T dy
+            add(key, layers)
+    add((bh, s, hd, s), 2 * layers)  # scores q k^T; backward dp = dout v^T
+    add((bh, s, s, hd), 4 * layers)  # p v; backward dv = p^T dout, dq = ds k, dk = ds^T q
+    for key in ((1, t, d, v), (1, t, v, d), (1, v, t, d)):  # logits = x E^T, dx, dE
+        add(key)
+    return count
+
+
+def products_runner(shape):
+    """A call that runs the step's matrix products (step_products) as often as the step does, on
+    float32 arrays made here once, with this process's BLAS: the floor of the step on this BLAS."""
+    rng = numpy.random.default_rng(0)
+    work = []
+    for (batch, m, k, n), times in step_products(shape).items():
+        lead = (batch,) if batch > 1 else ()
+        a = rng.standard_normal(lead + (m, k), dtype=numpy.float32)
+        b = rng.standard_normal(lead + (k, n), dtype=numpy.float32)
+        work.append((a, b, numpy.empty(lead + (m, n), numpy.float32), times))
+
+    def run():
+        for a, b, out, times in work:
+            for _ in range(times):
+                numpy.matmul(a, b, out=out)
+
+    return run
+
+
+def products_seconds(shape, reps=3) -> float:
+    """The median seconds of reps runs of products_runner(shape), after one untimed run."""
+    run = products_runner(shape)
+    run()
+    samples = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        run()
+        samples.append(time.perf_counter() - t)
+    return statistics.median(samples)
+
+
 def _world_size() -> int:
     from mpmp._setup import mpi_launched
 
@@ -172,7 +231,6 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    from mpmp import backend
     from mpmp._setup import local_rank
 
     try:
@@ -260,6 +318,12 @@ def _measure(shape, goal, args, machine, grid, say) -> dict:
     )
     if "mfu" in r and shape[:5] == GPT2_124M and args.dtype == "bf16":
         say(f"  goal: MFU >= {MFU_GOAL:.0%} at the GPT-2 124M shape in bf16: {_verdict(r['mfu'])}")
+    if grid is None and backend.name() == "numpy":
+        r["products_s"] = vs_torch["products_s"] if vs_torch else products_seconds(shape)
+        say(
+            f"  its matrix products alone, back to back: {r['products_s'] * 1e3:.1f} ms = "
+            f"{r['products_s'] / r['step_s']:.2f} of the step (no step on this BLAS takes less)"
+        )
     if vs_torch is not None:
         r["torch"] = _report_torch(shape, vs_torch, say)
     if grid is not None:
@@ -282,6 +346,10 @@ def _report_torch(shape, vs, say) -> dict:
         f"  PyTorch: {vs['step_s'] * 1e3:.1f} ms/step; torch step / mpmp step = {vs['ratio']:.2f} "
         f"(median over step pairs; goal >= {TORCH_RATIO_GOAL}: {met}); "
         f"losses differ by at most {vs['loss_diff']:.1e}"
+    )
+    say(
+        f"  torch step / the matrix products alone = {vs['bound']:.2f} (median over steps): the most "
+        f"torch/mpmp any step on this BLAS could reach, were everything else free"
     )
     memory = {side: torch_gpt.peak_memory(shape, side) for side in ("mpmp", "torch")}
     mib = {side: (m["peak"] / 2**20, (m["peak"] - m["imports"]) / 2**20) for side, m in memory.items()}
