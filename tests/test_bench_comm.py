@@ -83,6 +83,7 @@ def test_tiny_bench_prints_every_op_with_bandwidth_and_ratio(tmp_path, capsys):
         assert r["mpmp_busbw"] > 0 and r["raw_busbw"] > 0 and r["ratio"] > 0
         assert r["mpmp_busbw"] == pytest.approx(r["mpmp_algbw"] * bus_factor(r["op"], n))
         assert r["ratio"] == pytest.approx(r["mpmp_busbw"] / r["raw_busbw"])
+        assert r["floor_us"] > 0 and r["floor_ratio"] == pytest.approx(r["raw_us"] / r["floor_us"])
         calls = 2 * 2 * (2 if r["op"] == "sendrecv" else 1)  # iters x repeats x messages per call
         assert r["ledger_events"] == calls  # rank 0 takes part in every op, ping-pong included
         assert f" {r['op']:>15}{r['bytes']:>12}" in text

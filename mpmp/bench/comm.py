@@ -12,6 +12,11 @@ nccl-tests reports it. Sizes and bandwidths follow nccl-tests (doc/PERFORMANCE.m
 size being the buffer for all_reduce and broadcast, the gathered output for all_gather, the input for
 reduce_scatter and one message for sendrecv (a ping-pong between ranks 0 and 1: a round trip is two
 messages). The last line is the median mpmp/raw busbw ratio over the sizes >= 1 MiB.
+
+A third side, "floor", is the raw call inside a Python function that records the least a ledger can:
+a clock reading before and after and one row appended. It is timed in turn with the other two, and
+raw/floor is the best mpmp/raw any Python layer that records every message could reach: at small
+sizes, where the raw call itself takes a few microseconds, that bound is what limits mpmp/raw.
 """
 
 import argparse
@@ -125,14 +130,26 @@ def _timed(fn, iters, comm, MPI) -> float:
 
 
 def _interleaved(fns, repeats, iters, per_call, comm, MPI) -> tuple:
-    """The median over repeats of each of two fns' seconds per operation (per_call operations per
-    call, iters calls per timing). Interleaved, each side first in turn (A B B A ...): drift, and
-    whatever the first of a pair pays (caches, the progress engine), hit both alike."""
-    times = ([], [])
+    """The median over repeats of each fn's seconds per operation (per_call operations per call, iters
+    calls per timing). Interleaved, each side first in turn (A B C, B C A, C A B, ...): drift, and
+    whatever the first of a round pays (caches, the progress engine), hit all alike."""
+    times = tuple([] for _ in fns)
     for i in range(repeats):
-        for k in (0, 1) if i % 2 == 0 else (1, 0):
+        for j in range(len(fns)):
+            k = (i + j) % len(fns)
             times[k].append(_timed(fns[k], iters, comm, MPI) / per_call)
-    return statistics.median(times[0]), statistics.median(times[1])
+    return tuple(statistics.median(t) for t in times)
+
+
+def _recorded(raw, rows: list):
+    """raw inside a Python call that records the least a ledger can: two clock readings, one row."""
+
+    def call():
+        start = time.perf_counter()
+        raw()
+        rows.append((start, time.perf_counter()))
+
+    return call
 
 
 def run(args, comm) -> dict:
@@ -158,7 +175,10 @@ def run(args, comm) -> dict:
                     raw_fn()
                 iters = args.iters or max(1, min(1000, int(args.target_seconds / _timed(raw_fn, 1, comm, mpi))))
                 led.reset()
-                t_mpmp, t_raw = _interleaved((mpmp_fn, raw_fn), args.repeats, iters, per_call, comm, mpi)
+                floor_fn = _recorded(raw_fn, [])
+                t_mpmp, t_raw, t_floor = _interleaved(
+                    (mpmp_fn, raw_fn, floor_fn), args.repeats, iters, per_call, comm, mpi
+                )
                 rows.append(
                     {
                         "op": op,
@@ -171,6 +191,8 @@ def run(args, comm) -> dict:
                         "raw_algbw": algbw(size, t_raw),
                         "raw_busbw": busbw(op, size, t_raw, n),
                         "ratio": t_raw / t_mpmp,  # mpmp busbw / raw busbw
+                        "floor_us": t_floor * 1e6,
+                        "floor_ratio": t_raw / t_floor,  # the best mpmp/raw a recording Python layer could reach
                         "ledger_events": len(led.events),  # rank 0's, the proof the ledger was on
                     }
                 )
@@ -197,8 +219,13 @@ def format_table(result: dict) -> str:
         f"# mpmp = Group with the ledger on (keep_events); raw = mpi4py on the same buffers; median of "
         f"{result['repeats']} interleaved repeats of the slowest rank's mean\n"
         f"# time in us, algbw and busbw in GB/s (nccl-tests' definitions)\n"
-        f"#{'':>34}{'---------- mpmp ----------':>34}{'----------- raw ----------':>34}\n"
-        f"#{'op':>15}{'size(B)':>12}{'iters':>7}" + f"{'time':>12}{'algbw':>11}{'busbw':>11}" * 2 + f"{'mpmp/raw':>10}"
+        f"# floor = the raw call inside a Python call that records two clock readings and a row: "
+        f"raw/floor bounds mpmp/raw\n"
+        f"#{'':>34}{'---------- mpmp ----------':>34}{'----------- raw ----------':>34}"
+        f"{'------- floor -------':>31}\n"
+        f"#{'op':>15}{'size(B)':>12}{'iters':>7}"
+        + f"{'time':>12}{'algbw':>11}{'busbw':>11}" * 2
+        + f"{'mpmp/raw':>10}{'time':>11}{'raw/floor':>10}"
     )
     lines = [head]
     for r in result["rows"]:
@@ -206,6 +233,7 @@ def format_table(result: dict) -> str:
             f" {r['op']:>15}{r['bytes']:>12}{r['iters']:>7}"
             f"{r['mpmp_us']:>12.1f}{r['mpmp_algbw']:>11.3f}{r['mpmp_busbw']:>11.3f}"
             f"{r['raw_us']:>12.1f}{r['raw_algbw']:>11.3f}{r['raw_busbw']:>11.3f}{r['ratio']:>10.3f}"
+            f"{r['floor_us']:>11.1f}{r['floor_ratio']:>10.3f}"
         )
     if result["per_op_ratio_ge_1MiB"]:
         parts = ", ".join(f"{op} {v:.3f}" for op, v in result["per_op_ratio_ge_1MiB"].items())
