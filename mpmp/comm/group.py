@@ -10,6 +10,7 @@ patterns and fp16 ones as float16. They travel as they are, and reductions of th
 not patterns (the op carries the format: "sum:bf16", "sum:fp16").
 """
 
+import functools
 from time import perf_counter as _perf_counter
 
 import numpy
@@ -24,6 +25,12 @@ def block_sizes(n: int, parts: int) -> list[int]:
     """numpy.array_split's sizes: the first n % parts blocks get one extra row."""
     base, extra = divmod(n, parts)
     return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+@functools.lru_cache(maxsize=256)
+def _blocks(n: int, parts: int) -> tuple[int, ...]:
+    """block_sizes as a tuple, kept: reduce_scatter asks once per message."""
+    return tuple(block_sizes(n, parts))
 
 
 class Handle:
@@ -113,18 +120,18 @@ class Group:
     # ---- collectives ------------------------------------------------------------------------
     def all_reduce(self, x, op="sum", exact=False):
         """In place over the group; returns x. op: sum, avg, max, min."""
-        _check_op(op)
+        if op not in OPS:
+            _check_op(op)
         if self.size == 1:
             return x
         led = _ledger.get()
         led.enter("all_reduce", self.name)
         base = "sum" if op == "avg" else op
-        fmt = self._format(x, exact)
         native = _native16(x, op)
         if native:
             payload, fmt = native
             self._all_reduce(payload, f"{base}:{fmt}")
-        elif fmt:
+        elif fmt := self._format(x, exact):
             payload = to_wire(x, fmt)
             self._all_reduce(payload, f"{base}:{fmt}")
             from_wire(payload, fmt, out=x)
@@ -156,41 +163,41 @@ class Group:
         they differ (defaults to equal extents). out: a buffer to reuse (axis 0, fp32 wire only)."""
         if self.size == 1:
             return x
-        xp = array_module(x)
+        moved = axis % x.ndim  # 0: the blocks are along the first axis already
         front = _to_front(x, axis)
         counts = list(sizes) if sizes is not None else [front.shape[0]] * self.size
         fmt = self._format(x, exact)
         if fmt:
             front = to_wire(front, fmt)
-        if out is None or fmt or axis % x.ndim:
-            out = xp.empty((sum(counts),) + front.shape[1:], dtype=front.dtype)
+        if out is None or fmt or moved:
+            out = array_module(x).empty((sum(counts),) + front.shape[1:], dtype=front.dtype)
         led = _ledger.get()
         led.enter("all_gather", self.name)
         self._all_gather(front, out, counts)
         led.leave(self.size, -1, out.nbytes, fmt or _dtype_name(x.dtype))
         if fmt:
             out = from_wire(out, fmt)
-        return _from_front(out, axis)
+        return _from_front(out, axis) if moved else out
 
     def reduce_scatter(self, x, axis=0, op="sum", exact=False, out=None):
         """Reduce x over the group and return this rank's block along axis (numpy.array_split's
         blocks when the extent does not divide). out: a buffer to reuse (axis 0, fp32 wire only)."""
-        _check_op(op)
+        if op not in OPS:
+            _check_op(op)
         if self.size == 1:
             return x
-        xp = array_module(x)
+        moved = axis % x.ndim
         front = _to_front(x, axis)
-        counts = block_sizes(front.shape[0], self.size)
+        counts = _blocks(front.shape[0], self.size)
         base = "sum" if op == "avg" else op
-        fmt = self._format(x, exact)
         native = _native16(front, op)
         if native:  # the 16-bit storage itself goes out and comes back
             front, fmt = native
             base, out = f"{base}:{fmt}", None if out is None else out.view(numpy.uint16)
-        elif fmt:
+        elif fmt := self._format(x, exact):
             front, base = to_wire(front, fmt), f"{base}:{fmt}"
-        if out is None or (fmt and not native) or axis % x.ndim:
-            out = xp.empty((counts[self.rank],) + front.shape[1:], dtype=front.dtype)
+        if out is None or (fmt and not native) or moved:
+            out = array_module(x).empty((counts[self.rank],) + front.shape[1:], dtype=front.dtype)
         led = _ledger.get()
         led.enter("reduce_scatter", self.name)
         self._reduce_scatter(front, out, counts, base)
@@ -201,7 +208,7 @@ class Group:
             out = from_wire(out, fmt)
         if op == "avg":
             out /= self.size
-        return _from_front(out, axis)
+        return _from_front(out, axis) if moved else out
 
     def all_gather_json(self, obj) -> list:
         """Every member's JSON-serialisable obj, in group order: its bytes travel in uint8 buffers
@@ -322,16 +329,18 @@ def _check_op(op):
         raise ValueError(f"reduction op must be one of {OPS}, not {op!r}")
 
 
+_HELD16 = {"H": "bf16", "e": "fp16"}  # dtype chars of the 16-bit formats: uint16 holds bf16 patterns
+
+
 def _native16(x, op):
     """(uint16 view, "bf16" or "fp16") for an array held in a 16-bit format (uint16 = bf16 patterns,
     float16 = fp16), else None. The average is refused there: it would divide in place in the
     storage type."""
-    char = getattr(getattr(x, "dtype", None), "char", None)  # not an array: the transport says what it takes
-    if char == "H":  # uint16
-        fmt = "bf16"
-    elif char == "e":  # float16
-        fmt = "fp16"
-    else:
+    try:
+        fmt = _HELD16.get(x.dtype.char)
+    except AttributeError:  # not an array: the transport says what it takes
+        return None
+    if fmt is None:
         return None
     if op == "avg":
         raise ValueError(f"avg of an array held in {fmt}: reduce with sum and scale in fp32")

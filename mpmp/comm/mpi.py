@@ -157,6 +157,7 @@ class MPIGroup(Group):
         self.size = comm.Get_size()
         self.rank = comm.Get_rank()
         self.ranks = tuple(ranks) if ranks is not None else tuple(range(self.size))
+        self._in_place = MPI().IN_PLACE
 
     # Each operation has a path for host (NumPy) arrays, which MPI reads and writes as they are, kept
     # short because it runs once per message: tensor parallelism issues thousands of small ones.
@@ -164,7 +165,7 @@ class MPIGroup(Group):
         if not buf.flags.c_contiguous:
             raise ValueError("all_reduce works in place and needs a contiguous array")
         if type(buf) is numpy.ndarray:
-            self.comm.Allreduce(MPI().IN_PLACE, buf, op=_op(op))
+            self.comm.Allreduce(self._in_place, buf, op=_ops.get(op) or _op(op))
             return
         s = _Staged(buf, writes=True, host=":" in op)
         self.comm.Allreduce(MPI().IN_PLACE, s.buf, op=_op(op))
@@ -178,6 +179,9 @@ class MPIGroup(Group):
 
     def _all_gather(self, send, recv, counts):
         host = type(send) is numpy.ndarray and type(recv) is numpy.ndarray
+        if host and counts.count(counts[0]) == len(counts):
+            self.comm.Allgather(send, recv)
+            return
         s, r = (send, recv) if host else (_Staged(send), _Staged(recv, reads=False, writes=True))
         sbuf, rbuf = (send, recv) if host else (s.buf, r.buf)
         if counts.count(counts[0]) == len(counts):
@@ -193,6 +197,9 @@ class MPIGroup(Group):
 
     def _reduce_scatter(self, send, recv, counts, op):
         host = type(send) is numpy.ndarray and type(recv) is numpy.ndarray
+        if host and counts.count(counts[0]) == len(counts):
+            self.comm.Reduce_scatter_block(send, recv, op=_ops.get(op) or _op(op))
+            return
         if host:
             s = r = None
             sbuf, rbuf = send, recv
