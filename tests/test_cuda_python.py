@@ -331,5 +331,6 @@ def test_local_sq_norm_matches_numpy(cuda, rng):
     g = rng.standard_normal(1000).astype(numpy.float32)
     runs = [(0, 100), (400, 1000)]
     got = optim.local_sq_norm(fake.dev(g), runs)
-    assert got.shape == () and float(got) == pytest.approx(np_clip.local_sq_norm(g, runs), rel=1e-12)
+    # the device sums squares in float64; the host, float32 dot products per chunk (round-off ~1e-8)
+    assert got.shape == () and float(got) == pytest.approx(np_clip.local_sq_norm(g, runs), rel=1e-6)
     assert math.isfinite(float(got))

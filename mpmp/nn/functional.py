@@ -167,59 +167,57 @@ _GELU_A = 0.044715
 
 
 def gelu_forward(x):
-    """y = 0.5 x (1 + tanh(c (x + a x^3))). Cache: (x, t), t the tanh."""
+    """y = 0.5 x (1 + tanh(c (x + a x^3))) = x s, s = 0.5 (1 + tanh(...)) (the sigmoid of twice the
+    tanh's argument). Cache: (x, s): the backward is shortest in s."""
     xp = array_module(x)
-    y, t = xp.empty_like(x), xp.empty_like(x)
-    x2, y2, t2 = _rows(x), _rows(y), _rows(t)
-    _row_blocks(lambda lo, hi: _gelu_rows(x2[lo:hi], y2[lo:hi], t2[lo:hi]), *x2.shape)
-    return y, (x, t)
+    y, s = xp.empty_like(x), xp.empty_like(x)
+    x2, y2, s2 = _rows(x), _rows(y), _rows(s)
+    _row_blocks(lambda lo, hi: _gelu_rows(x2[lo:hi], y2[lo:hi], s2[lo:hi]), *x2.shape)
+    return y, (x, s)
 
 
-def _gelu_rows(x, y, t):
-    """gelu_forward over a block of rows, into y and t."""
+def _gelu_rows(x, y, s):
+    """gelu_forward over a block of rows, into y and s."""
     xp = array_module(x)
-    xp.multiply(x, x, out=t)
-    t *= x.dtype.type(_GELU_A)
-    t += 1
-    t *= x
-    t *= x.dtype.type(_GELU_C)  # inner = c (x + a x^3)
-    xp.tanh(t, out=t)  # t = tanh(inner)
-    xp.add(t, 1, out=y)
-    y *= x
-    y *= 0.5  # y = 0.5 x (1 + t)
+    xp.multiply(x, x, out=s)
+    s *= x.dtype.type(_GELU_A)
+    s += 1
+    s *= x
+    s *= x.dtype.type(_GELU_C)  # inner = c (x + a x^3)
+    xp.tanh(s, out=s)
+    s += 1
+    s *= 0.5  # s = 0.5 (1 + tanh(inner))
+    xp.multiply(x, s, out=y)  # y = x s
 
 
 def gelu_backward(dy, cache):
-    """d/dx 0.5x(1+t) = 0.5(1+t) + 0.5x(1-t^2) c (1 + 3a x^2)."""
-    x, t = cache
+    """d/dx x s = s + x s (1 - s) 2c (1 + 3a x^2), since s is the sigmoid of 2 inner and
+    d inner / dx = c (1 + 3a x^2)."""
+    x, s = cache
     dx = array_module(x).empty_like(x)
-    dy2, x2, t2, dx2 = _rows(dy), _rows(x), _rows(t), _rows(dx)
-    _row_blocks(lambda lo, hi: _gelu_grad_rows(dy2[lo:hi], x2[lo:hi], t2[lo:hi], dx2[lo:hi]), *x2.shape)
+    dy2, x2, s2, dx2 = _rows(dy), _rows(x), _rows(s), _rows(dx)
+    _row_blocks(lambda lo, hi: _gelu_grad_rows(dy2[lo:hi], x2[lo:hi], s2[lo:hi], dx2[lo:hi]), *x2.shape)
     return dx
 
 
-def _gelu_grad_rows(dy, x, t, dx):
+def _gelu_grad_rows(dy, x, s, dx):
     """gelu_backward over a block of rows, into dx."""
     xp = array_module(x)
     xp.multiply(x, x, out=dx)
-    dx *= x.dtype.type(3 * _GELU_A)
-    dx += 1
-    dx *= x.dtype.type(_GELU_C)  # d inner / dx = c (1 + 3a x^2)
-    sech2 = xp.multiply(t, t)
-    sech2 -= 1
-    sech2 *= -1  # d tanh = 1 - t^2
-    dx *= sech2
-    dx *= x  # x (1 - t^2) c (1 + 3a x^2)
-    dx += t
-    dx += 1
-    dx *= 0.5  # 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3a x^2)
+    dx *= x.dtype.type(6 * _GELU_A * _GELU_C)
+    dx += x.dtype.type(2 * _GELU_C)
+    dx *= x  # 2c x (1 + 3a x^2)
+    ds = xp.subtract(1, s)
+    ds *= s  # s (1 - s)
+    dx *= ds
+    dx += s  # s + x s (1 - s) 2c (1 + 3a x^2)
     dx *= dy  # chain rule
 
 
 def bias_gelu_forward(h, b):
     """y = gelu(h + b) over h [..., C], b [C]: a linear layer's bias and the GELU after it, one step
-    on the CUDA side. h is overwritten with x = h + b. The cache is gelu_forward's, (x, t); the CUDA
-    twin keeps only (x,) and recomputes t."""
+    on the CUDA side. h is overwritten with x = h + b. The cache is gelu_forward's, (x, s); the CUDA
+    twin keeps only (x,) and recomputes the tanh."""
     h += b
     return gelu_forward(h)
 
@@ -227,12 +225,12 @@ def bias_gelu_forward(h, b):
 def bias_gelu_backward(dy, cache, db):
     """Returns dh = dy * gelu'(x); accumulates db += dh summed over every position (each block's
     column sums taken while it is in cache)."""
-    x, t = cache
+    x, s = cache
     dh = array_module(x).empty_like(x)
-    dy2, x2, t2, dh2 = _rows(dy), _rows(x), _rows(t), _rows(dh)
+    dy2, x2, s2, dh2 = _rows(dy), _rows(x), _rows(s), _rows(dh)
 
     def block(lo, hi):
-        _gelu_grad_rows(dy2[lo:hi], x2[lo:hi], t2[lo:hi], dh2[lo:hi])
+        _gelu_grad_rows(dy2[lo:hi], x2[lo:hi], s2[lo:hi], dh2[lo:hi])
         return dh2[lo:hi].sum(axis=0)
 
     _column_sums(_row_blocks(block, *x2.shape), db)

@@ -120,7 +120,7 @@ def block(x: Shape) -> Passes:
     # the other way round. Megatron's layout avoids both.
     split, merge = ([x.ew(t * dl, 2, 3)], [x.ew(t * dl, 2)]) if x.numpy else ([], [])
     gelu_f = [x.ew(4 * t * dl, 3, 8), ("exp", 4 * t * dl)] if x.numpy else [x.ew(4 * t * dl, 2)]
-    gelu_b = [x.ew(4 * t * dl, 3, 13)] if x.numpy else [x.ew(4 * t * dl, 3)]
+    gelu_b = [x.ew(4 * t * dl, 3, 9)] if x.numpy else [x.ew(4 * t * dl, 3)]
     residual = [x.ew(tl * d, 3)]
     forward = (
         layernorm(tl, d, x)
