@@ -118,8 +118,8 @@ def _layernorm_rows(x, w, b, eps, out):
     xp = array_module(x)
     y, xhat, rstd = out
     xp.subtract(x, x.mean(axis=-1, keepdims=True), out=xhat)  # xc = x - mean
-    var = xp.multiply(xhat, xhat)
-    var = var.mean(axis=-1, keepdims=True)  # mean(xc^2)
+    var = _row_dot(xhat, xhat)
+    var *= x.dtype.type(1 / x.shape[-1])  # mean(xc^2), one pass with no [rows, d] temporary
     var += eps
     xp.divide(1.0, xp.sqrt(var, out=var), out=rstd)  # rstd = 1 / sqrt(var + eps)
     xhat *= rstd  # xhat = (x - mean) * rstd
@@ -149,10 +149,10 @@ def _layernorm_grad_rows(dy, xhat, rstd, w, g):
     xp.multiply(dy, xhat, out=g)
     parts = g.sum(axis=0), dy.sum(axis=0)  # dw = sum(dy * xhat), db = sum(dy)
     xp.multiply(dy, w, out=g)  # g = dy * w
-    gx = xp.multiply(g, xhat)
-    mean_gx = gx.mean(axis=-1, keepdims=True)  # mean(g * xhat)
+    mean_gx = _row_dot(g, xhat)
+    mean_gx *= dy.dtype.type(1 / dy.shape[-1])  # mean(g * xhat), one pass
     g -= g.mean(axis=-1, keepdims=True)  # g - mean(g)
-    xp.multiply(xhat, mean_gx, out=gx)
+    gx = xp.multiply(xhat, mean_gx)
     g -= gx  # ... - xhat * mean(g * xhat)
     g *= rstd  # ... * rstd = dx
     return parts
