@@ -171,6 +171,17 @@ def test_gelu_backward_matches_finite_differences(rng):
     assert_matches_fd(F.gelu_backward(dout, cache), loss, x, "dx")
 
 
+def test_gelu_of_huge_inputs_stays_finite_in_float32():
+    """A diverging run's activations: past |x| ~ 1e13, x^3 overflows float32, but GELU has long
+    saturated (slope 0 below, 1 above), and the gradient must say so rather than inf * 0 = NaN."""
+    x = numpy.array([[-1e18, -1e13, -30.0, 30.0, 1e13, 1e18]], numpy.float32)
+    with numpy.errstate(over="ignore"):  # as training runs (train.py): x^2 may overflow on the way
+        y, cache = F.gelu_forward(x)
+        dx = F.gelu_backward(numpy.full_like(x, 2.0), cache)
+    numpy.testing.assert_array_equal(y, [[0, 0, 0, *x[0, 3:]]])
+    numpy.testing.assert_array_equal(dx, [[0, 0, 0, 2, 2, 2]])
+
+
 # ---------------------------------------------------------------------------------------------
 # Attention core
 # ---------------------------------------------------------------------------------------------

@@ -205,11 +205,11 @@ def _gelu_grad_rows(dy, x, s, dx):
     xp = array_module(x)
     xp.multiply(x, x, out=dx)
     dx *= x.dtype.type(6 * _GELU_A * _GELU_C)
-    dx += x.dtype.type(2 * _GELU_C)
-    dx *= x  # 2c x (1 + 3a x^2)
+    dx += x.dtype.type(2 * _GELU_C)  # 2c (1 + 3a x^2)
     ds = xp.subtract(1, s)
     ds *= s  # s (1 - s)
-    dx *= ds
+    dx *= ds  # before the factor x: where s saturates (s (1 - s) = 0) a huge x gives 0, not inf * 0
+    dx *= x
     dx += s  # s + x s (1 - s) 2c (1 + 3a x^2)
     dx *= dy  # chain rule
 
