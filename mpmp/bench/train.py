@@ -27,7 +27,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 
 import numpy
 
@@ -60,13 +59,9 @@ def gemm_flops(n=2048, reps=5) -> float:
     a = rng.standard_normal((n, n), dtype=numpy.float32)
     b = rng.standard_normal((n, n), dtype=numpy.float32)
     out = numpy.empty((n, n), numpy.float32)
-    numpy.matmul(a, b, out=out)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        numpy.matmul(a, b, out=out)
-        times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times)
+    from mpmp.plan.calibrate import median_seconds
+
+    return 2 * n**3 / median_seconds(lambda: numpy.matmul(a, b, out=out), reps)
 
 
 def device_gemm_flops(n=8192, reps=10) -> float:
@@ -178,14 +173,9 @@ def products_runner(shape):
 
 def products_seconds(shape, reps=3) -> float:
     """The median seconds of reps runs of products_runner(shape), after one untimed run."""
-    run = products_runner(shape)
-    run()
-    samples = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        run()
-        samples.append(time.perf_counter() - t)
-    return statistics.median(samples)
+    from mpmp.plan.calibrate import median_seconds
+
+    return median_seconds(products_runner(shape), reps)
 
 
 def _world_size() -> int:
