@@ -168,14 +168,14 @@ class MPIGroup(Group):
             self.comm.Allreduce(self._in_place, buf, op=_ops.get(op) or _op(op))
             return
         s = _Staged(buf, writes=True, host=":" in op)
-        self.comm.Allreduce(MPI().IN_PLACE, s.buf, op=_op(op))
+        self.comm.Allreduce(self._in_place, s.buf, op=_op(op))
         s.back()
 
     def _iall_reduce(self, buf, op):
         if not buf.flags.c_contiguous:
             raise ValueError("iall_reduce works in place and needs a contiguous array")
         s = _Staged(buf, writes=True, host=":" in op)
-        return [(self.comm.Iallreduce(MPI().IN_PLACE, s.buf, op=_op(op)), s)]
+        return [(self.comm.Iallreduce(self._in_place, s.buf, op=_op(op)), s)]
 
     def _all_gather(self, send, recv, counts):
         host = type(send) is numpy.ndarray and type(recv) is numpy.ndarray
