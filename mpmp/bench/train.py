@@ -34,6 +34,7 @@ from mpmp import backend
 from mpmp.comm import factory
 from mpmp.config import DTYPES, ModelConfig, ParallelConfig, TrainConfig
 from mpmp.errors import ConfigError
+from mpmp.plan.calibrate import median_seconds
 
 # (V, D, L, H, S, B) and the goal (fraction of the GEMM) for each, on NumPy
 DEFAULTS = [((256, 256, 4, 4, 128, 8), 0.5), ((256, 768, 4, 12, 256, 4), 0.65)]
@@ -59,8 +60,6 @@ def gemm_flops(n=2048, reps=5) -> float:
     a = rng.standard_normal((n, n), dtype=numpy.float32)
     b = rng.standard_normal((n, n), dtype=numpy.float32)
     out = numpy.empty((n, n), numpy.float32)
-    from mpmp.plan.calibrate import median_seconds
-
     return 2 * n**3 / median_seconds(lambda: numpy.matmul(a, b, out=out), reps)
 
 
@@ -173,8 +172,6 @@ def products_runner(shape):
 
 def products_seconds(shape, reps=3) -> float:
     """The median seconds of reps runs of products_runner(shape), after one untimed run."""
-    from mpmp.plan.calibrate import median_seconds
-
     return median_seconds(products_runner(shape), reps)
 
 
